@@ -1,0 +1,1 @@
+"""edgeline.hil."""

@@ -1,0 +1,249 @@
+"""The gateway: MQTT ingest -> validate -> dedupe -> machine state -> OPC-UA.
+
+paho-mqtt's network thread hands each message to the asyncio loop, where one consumer
+processes messages in arrival order; OPC-UA (asyncua) lives on that same loop.
+Bad input never stops it: a malformed message is counted, logged with its topic and
+published to the dead-letter topic, and the next message is processed as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from edgeline.firmware.edgeline_node import wire as w
+from edgeline.host import wire
+from edgeline.host.dedupe import Deduper
+from edgeline.host.machine_state import MachineState, StateStore
+from edgeline.host.opcua_server import OpcuaServer
+from paho.mqtt.enums import CallbackAPIVersion
+
+log = logging.getLogger("edgeline.gateway")
+
+MAX_PENDING_PER_NODE = 1000  # events that arrive before their node's birth, kept briefly
+
+
+@dataclass
+class GatewayConfig:
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    broker_user: str | None = None
+    broker_password: str | None = None
+    site: str = "+"  # the site(s) this gateway serves; "+" = every site on the broker
+    gateway_id: str = "gateway"
+    opcua_host: str = "127.0.0.1"
+    opcua_port: int = 4840
+    dead_letter_site: str = "gateway"  # site level of the dead-letter topic when site is "+"
+
+
+@dataclass
+class GatewayStats:
+    received: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    pending: int = 0
+    by_kind: Counter[str] = field(default_factory=Counter)
+    dead_reasons: Counter[str] = field(default_factory=Counter)
+
+
+EventListener = Callable[[wire.Event, MachineState, int], None]
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.state = StateStore()
+        self.dedupe = Deduper()
+        self.opcua = OpcuaServer(cfg.opcua_host, cfg.opcua_port)
+        self.stats = GatewayStats()
+        self.event_listeners: list[EventListener] = []
+        self._inbox: asyncio.Queue[tuple[str, bytes, int] | None] = asyncio.Queue()
+        self._pending: dict[str, list[tuple[str, bytes, int]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        site = cfg.dead_letter_site if cfg.site == "+" else cfg.site
+        self.state_topic = f"{w.TOPIC_ROOT}/{site}/{w.GATEWAY_NODE}/state"
+        self.dead_topic = f"{w.TOPIC_ROOT}/{site}/{w.GATEWAY_NODE}/dead"
+        self._mqtt = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"edgeline-{cfg.gateway_id}",
+            clean_session=True,
+        )
+        if cfg.broker_user:
+            self._mqtt.username_pw_set(cfg.broker_user, cfg.broker_password)
+        # Nodes follow this retained topic to know whether the gateway is there.
+        self._mqtt.will_set(self.state_topic, self._state_payload(False), qos=1, retain=True)
+        self._mqtt.on_connect = self._on_connect
+        self._mqtt.on_message = self._on_message
+        self._mqtt.on_disconnect = self._on_disconnect
+
+    def _state_payload(self, online: bool) -> bytes:
+        return wire.encode(
+            {
+                w.K_V: w.SCHEMA_VERSION,
+                w.K_KIND: w.KIND_STATE,
+                w.K_NODE: w.GATEWAY_NODE,
+                w.K_BOOT: 0,
+                w.K_ONLINE: online,
+                w.K_GATEWAY: self.cfg.gateway_id,
+            }
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self, connect_timeout: float = 10.0) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.opcua.start()
+        self._task = asyncio.create_task(self._consume(), name="edgeline-gateway-consume")
+        self._mqtt.connect_async(self.cfg.broker_host, self.cfg.broker_port, keepalive=30)
+        self._mqtt.loop_start()
+        try:
+            await asyncio.wait_for(self._connected.wait(), connect_timeout)
+        except TimeoutError:
+            await self.stop()
+            raise ConnectionError(
+                f"gateway could not connect to MQTT broker {self.cfg.broker_host}:{self.cfg.broker_port} "
+                f"within {connect_timeout:.0f} s: is it running, and are host/port right?"
+            ) from None
+
+    async def stop(self) -> None:
+        if self._mqtt.is_connected():
+            info = self._mqtt.publish(
+                self.state_topic, self._state_payload(False), qos=1, retain=True
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 2.0)
+            self._mqtt.disconnect()
+        self._mqtt.loop_stop()
+        if self._task is not None:
+            await self._inbox.put(None)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._task, 5.0)
+            self._task = None
+        await self.opcua.stop()
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait until every message received so far has been processed."""
+        deadline = time.monotonic() + timeout
+        while not self._inbox.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    # -- paho thread ----------------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+        if rc.is_failure:
+            log.error("MQTT broker refused the gateway: %s", rc)
+            return
+        site = self.cfg.site
+        client.subscribe(
+            [(f"{w.TOPIC_ROOT}/{site}/+/{k}", 1) for k in ("evt", "tel", "birth", "death")]
+        )
+        client.publish(self.state_topic, self._state_payload(True), qos=1, retain=True)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._connected.set)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+        if rc != 0:
+            log.warning("gateway lost the MQTT broker (%s); paho reconnects", rc)
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        t_recv = time.time_ns() // 1000
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(
+            self._inbox.put_nowait, (msg.topic, bytes(msg.payload), t_recv)
+        )
+
+    # -- processing -----------------------------------------------------------------------
+    async def _consume(self) -> None:
+        while True:
+            item = await self._inbox.get()
+            if item is None:
+                return
+            try:
+                await self.handle(*item)
+            except Exception:  # a bug must not stop ingest; it is logged loudly
+                log.exception("gateway failed on a message from %s", item[0])
+
+    def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
+        self.stats.malformed += 1
+        self.stats.dead_reasons[reason.split(":")[0][:60]] += 1
+        log.warning("dead letter from topic %s: %s", topic, reason)
+        body = {
+            w.K_V: w.SCHEMA_VERSION,
+            w.K_KIND: w.KIND_DEAD_LETTER,
+            w.K_TOPIC: topic,
+            w.K_REASON: reason,
+            w.K_PAYLOAD: payload[:256],
+        }
+        self._mqtt.publish(self.dead_topic, wire.encode(body), qos=1)
+
+    async def handle(self, topic: str, payload: bytes, t_recv_us: int) -> None:
+        self.stats.received += 1
+        try:
+            t = wire.parse_topic(topic)
+            m = wire.decode(payload)
+            if t.kind == "birth":
+                await self._on_birth(wire.parse_birth(m, t))
+            elif t.kind == "death":
+                await self._on_death(wire.parse_death(m, t))
+            else:
+                ev = wire.parse_event(m, t)
+                if self.state.machine_of(ev.node) is None:
+                    self._park(t.node, topic, payload, t_recv_us)
+                    return
+                await self._on_event(ev, t_recv_us)
+        except wire.WireError as e:
+            self._dead_letter(topic, payload, str(e))
+
+    def _park(self, node: str, topic: str, payload: bytes, t_recv_us: int) -> None:
+        q = self._pending.setdefault(node, [])
+        if len(q) >= MAX_PENDING_PER_NODE:
+            self._dead_letter(topic, payload, f"unknown node {node!r}: no birth seen")
+            return
+        q.append((topic, payload, t_recv_us))
+        self.stats.pending = sum(len(v) for v in self._pending.values())
+
+    async def _on_birth(self, b: wire.Birth) -> None:
+        self.stats.by_kind["birth"] += 1
+        m, _new = self.state.on_birth(b)
+        await self.opcua.ensure_machine(m)
+        await self.opcua.set_online(m.key, True)
+        log.info("birth of node %s boot %d on %s", b.node, b.boot, m.key)
+        for item in self._pending.pop(b.node, []):
+            self.stats.received -= 1  # counted when it first arrived
+            await self.handle(*item)
+        self.stats.pending = sum(len(v) for v in self._pending.values())
+
+    async def _on_death(self, d: wire.Death) -> None:
+        self.stats.by_kind["death"] += 1
+        info = self.state.on_death(d.node)
+        if info is not None:
+            log.info("node %s went offline", d.node)
+            await self.opcua.set_online(info.machine, False)
+
+    async def _on_event(self, ev: wire.Event, t_recv_us: int) -> None:
+        if not self.dedupe.accept(ev.node, ev.boot, ev.seq):
+            self.stats.duplicates += 1
+            return
+        self.stats.accepted += 1
+        kind = "evt" if ev.kind == w.KIND_EVT else "tel"
+        self.stats.by_kind[kind] += 1
+        m = self.state.on_event(ev)
+        if m is None:
+            return
+        if ev.kind == w.KIND_EVT:
+            await self.opcua.update(m, ev)
+            if ev.anomaly:
+                await self.opcua.emit_anomaly(m, ev)
+                log.info(
+                    "anomaly on %s trace=%s node=%s seq=%d", m.key, ev.trace_hex, ev.node, ev.seq
+                )
+        for listener in self.event_listeners:
+            listener(ev, m, t_recv_us)
