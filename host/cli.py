@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -64,8 +65,6 @@ def _gateway_run(args: argparse.Namespace) -> int:
 
 
 def _node_sim(args: argparse.Namespace) -> int:
-    import os
-
     from edgeline.host.virtual_node import FIRMWARE_DIR, micropython_binary
 
     exe = micropython_binary()
@@ -82,9 +81,7 @@ def _node_sim(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeline", description=__doc__)
     p.add_argument("--version", action="version", version=f"edgeline {VERSION}")
-    p.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
-    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser(
@@ -96,26 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--duration", type=float, default=60.0, help="seconds to run; 0 = until Ctrl-C (default 60)"
     )
-    d.add_argument(
-        "--nodes", type=int, default=3, help="virtual nodes, one machine each (default 3)"
-    )
+    d.add_argument("--nodes", type=int, default=3, help="virtual nodes, one machine each (default 3)")
     d.add_argument(
         "--broker",
         default=None,
         help="use this broker (mqtt://host:port) instead of the embedded one",
     )
-    d.add_argument(
-        "--json", type=Path, default=None, help="also write the JSON summary to this file"
-    )
-    d.add_argument(
-        "--window-ms", type=int, default=500, help="window period on the nodes (default 500)"
-    )
-    d.add_argument(
-        "--fault", default="bearing", choices=["bearing", "imbalance"], help="fault to switch on"
-    )
-    d.add_argument(
-        "--fault-node", type=int, default=2, help="1-based node whose machine gets the fault"
-    )
+    d.add_argument("--json", type=Path, default=None, help="also write the JSON summary to this file")
+    d.add_argument("--window-ms", type=int, default=500, help="window period on the nodes (default 500)")
+    d.add_argument("--fault", default="bearing", choices=["bearing", "imbalance"], help="fault to switch on")
+    d.add_argument("--fault-node", type=int, default=2, help="1-based node whose machine gets the fault")
     d.add_argument(
         "--fault-at",
         type=float,
@@ -126,19 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-live", action="store_true", help="no live table")
     d.set_defaults(func=_demo)
 
-    g = sub.add_parser("gateway", help="the gateway").add_subparsers(
-        dest="gateway_cmd", required=True
-    )
+    g = sub.add_parser("gateway", help="the gateway").add_subparsers(dest="gateway_cmd", required=True)
     gr = g.add_parser("run", help="run the gateway from a TOML config")
     gr.add_argument("--config", type=Path, required=True)
     gr.set_defaults(func=_gateway_run)
 
-    n = sub.add_parser("node", help="sensor node tools").add_subparsers(
-        dest="node_cmd", required=True
-    )
-    ns = n.add_parser(
-        "sim", help="run a virtual node (the firmware under the MicroPython unix port)"
-    )
+    n = sub.add_parser("node", help="sensor node tools").add_subparsers(dest="node_cmd", required=True)
+    ns = n.add_parser("sim", help="run a virtual node (the firmware under the MicroPython unix port)")
     ns.add_argument(
         "--config",
         type=Path,
@@ -158,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # asyncua and amqtt warn about things the demo already states (security None) or that
+    # are theirs to fix; show them from -v on.
+    noisy_level = {0: logging.ERROR, 1: logging.WARNING}.get(args.verbose, logging.INFO)
     for noisy in ("asyncua", "amqtt", "transitions"):
-        logging.getLogger(noisy).setLevel(
-            max(level, logging.WARNING if args.verbose < 2 else logging.INFO)
-        )
+        logging.getLogger(noisy).setLevel(noisy_level)
     with contextlib.suppress(KeyboardInterrupt):
         return int(args.func(args))
     return 130
