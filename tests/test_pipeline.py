@@ -12,12 +12,11 @@ from typing import Any
 import cbor2
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host.demo import Demo, DemoOptions
 from edgeline.host.gateway import Gateway, GatewayConfig
 from edgeline.host.ports import free_tcp_port
+from paho.mqtt.enums import CallbackAPIVersion
 
 
 @pytest.mark.micropython
@@ -38,20 +37,41 @@ def test_demo_path_end_to_end(broker: Any) -> None:
 
 
 def _birth(node: str) -> bytes:
-    return cbor2.dumps({
-        w.K_V: 1, w.K_KIND: w.KIND_BIRTH, w.K_NODE: node, w.K_BOOT: 1, w.K_FW: "test",
-        w.K_MODEL_SHA: None, w.K_SENSORS: [["vibration", "g", ["mean", "rms"]]], w.K_SITE: "s1",
-        w.K_LINE: "l1", w.K_MACHINE: "m1",
-    })
+    return cbor2.dumps(
+        {
+            w.K_V: 1,
+            w.K_KIND: w.KIND_BIRTH,
+            w.K_NODE: node,
+            w.K_BOOT: 1,
+            w.K_FW: "test",
+            w.K_MODEL_SHA: None,
+            w.K_SENSORS: [["vibration", "g", ["mean", "rms"]]],
+            w.K_SITE: "s1",
+            w.K_LINE: "l1",
+            w.K_MACHINE: "m1",
+        }
+    )
 
 
 def _event(node: str, seq: int) -> bytes:
-    return cbor2.dumps({
-        w.K_V: 1, w.K_KIND: w.KIND_EVT, w.K_NODE: node, w.K_BOOT: 1, w.K_SEQ: seq,
-        w.K_TRACE: bytes(range(1, 17)), w.K_SPAN: bytes(range(1, 9)), w.K_T_WALL: time.time_ns() // 1000,
-        w.K_T_MONO: 1, w.K_FEATURES: {"vibration": [0.0, 1.0]}, w.K_SCORES: {"vibration": 0.5},
-        w.K_ANOMALY: False, w.K_CAUSES: [], w.K_DETECTOR: "spc",
-    })
+    return cbor2.dumps(
+        {
+            w.K_V: 1,
+            w.K_KIND: w.KIND_EVT,
+            w.K_NODE: node,
+            w.K_BOOT: 1,
+            w.K_SEQ: seq,
+            w.K_TRACE: bytes(range(1, 17)),
+            w.K_SPAN: bytes(range(1, 9)),
+            w.K_T_WALL: time.time_ns() // 1000,
+            w.K_T_MONO: 1,
+            w.K_FEATURES: {"vibration": [0.0, 1.0]},
+            w.K_SCORES: {"vibration": 0.5},
+            w.K_ANOMALY: False,
+            w.K_CAUSES: [],
+            w.K_DETECTOR: "spc",
+        }
+    )
 
 
 def test_malformed_payload_does_not_stop_the_gateway(broker: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -64,8 +84,11 @@ def test_malformed_payload_does_not_stop_the_gateway(broker: Any, caplog: pytest
         got_dead.set()
 
     async def scenario() -> Gateway:
-        gw = Gateway(GatewayConfig(broker_host=broker.host, broker_port=broker.port, site="s1",
-                                   opcua_port=free_tcp_port()))
+        gw = Gateway(
+            GatewayConfig(
+                broker_host=broker.host, broker_port=broker.port, site="s1", opcua_port=free_tcp_port()
+            )
+        )
         await gw.start()
         sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="t-dead")
         sub.on_message = on_message

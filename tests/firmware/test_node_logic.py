@@ -7,13 +7,13 @@ from array import array
 
 import numpy as np
 import pytest
-from micropython_runner import run_micropython
-
 from edgeline.firmware.edgeline_node import features, identity
 from edgeline.firmware.edgeline_node.config import ConfigError, validate
 from edgeline.firmware.edgeline_node.hal_sim import SimulatedMachine
 from edgeline.firmware.edgeline_node.ram_queue import RamQueue
 from edgeline.firmware.edgeline_node.spc import ControlChart
+
+from micropython_runner import run_micropython
 
 GOOD = {"node_id": "node-1", "machine": "pump-01"}
 

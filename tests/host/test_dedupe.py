@@ -1,7 +1,6 @@
 import random
 
 import pytest
-
 from edgeline.host.dedupe import Deduper
 
 

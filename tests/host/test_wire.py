@@ -6,7 +6,6 @@ from typing import Any
 
 import cbor2
 import pytest
-
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host import wire
 
@@ -15,10 +14,20 @@ TOPIC = wire.parse_topic("edgeline/v1/plant-a/node-1/evt")
 
 def event() -> dict[int, Any]:
     m: dict[int, Any] = {
-        w.K_V: 1, w.K_KIND: w.KIND_EVT, w.K_NODE: "node-1", w.K_BOOT: 3, w.K_SEQ: 7,
-        w.K_TRACE: bytes(range(1, 17)), w.K_SPAN: bytes(range(1, 9)), w.K_T_WALL: 1_700_000_000_000_000,
-        w.K_T_MONO: 12345, w.K_FEATURES: {"vibration": [0.1, 0.2, 0.3, 0.9, 3.0]},
-        w.K_SCORES: {"vibration": 4.2}, w.K_ANOMALY: True, w.K_CAUSES: ["vibration"], w.K_DETECTOR: "spc",
+        w.K_V: 1,
+        w.K_KIND: w.KIND_EVT,
+        w.K_NODE: "node-1",
+        w.K_BOOT: 3,
+        w.K_SEQ: 7,
+        w.K_TRACE: bytes(range(1, 17)),
+        w.K_SPAN: bytes(range(1, 9)),
+        w.K_T_WALL: 1_700_000_000_000_000,
+        w.K_T_MONO: 12345,
+        w.K_FEATURES: {"vibration": [0.1, 0.2, 0.3, 0.9, 3.0]},
+        w.K_SCORES: {"vibration": 4.2},
+        w.K_ANOMALY: True,
+        w.K_CAUSES: ["vibration"],
+        w.K_DETECTOR: "spc",
     }
     return m
 
@@ -99,9 +108,18 @@ def test_bad_topics(topic: str) -> None:
 def test_birth_roundtrip() -> None:
     t = wire.parse_topic("edgeline/v1/plant-a/node-1/birth")
     m = {
-        w.K_V: 1, w.K_KIND: w.KIND_BIRTH, w.K_NODE: "node-1", w.K_BOOT: 1, w.K_FW: "0.1.0",
-        w.K_MODEL_SHA: None, w.K_SENSORS: [["vibration", "g", ["mean", "rms"]]], w.K_SITE: "plant-a",
-        w.K_LINE: "line-1", w.K_MACHINE: "pump-01", w.K_DROPS: {0: 0}, w.K_WINDOW: [1000, 256],
+        w.K_V: 1,
+        w.K_KIND: w.KIND_BIRTH,
+        w.K_NODE: "node-1",
+        w.K_BOOT: 1,
+        w.K_FW: "0.1.0",
+        w.K_MODEL_SHA: None,
+        w.K_SENSORS: [["vibration", "g", ["mean", "rms"]]],
+        w.K_SITE: "plant-a",
+        w.K_LINE: "line-1",
+        w.K_MACHINE: "pump-01",
+        w.K_DROPS: {0: 0},
+        w.K_WINDOW: [1000, 256],
     }
     b = wire.parse_birth(wire.decode(cbor2.dumps(m)), t)
     assert (b.site, b.line, b.machine) == ("plant-a", "line-1", "pump-01")
