@@ -25,6 +25,7 @@ class Deduper:
         self._streams: dict[tuple[str, int], _Stream] = {}
         self.duplicates = 0
         self.gaps = 0  # seqs given up on because the window moved past them
+        self.dirty: set[tuple[str, int]] = set()  # streams changed since the last persist
 
     def accept(self, node: str, boot: int, seq: int) -> bool:
         """True the first time (node, boot, seq) is offered, False for every repeat."""
@@ -35,6 +36,7 @@ class Deduper:
             self.duplicates += 1
             return False
         s.above.add(seq)
+        self.dirty.add((node, boot))
         while s.floor + 1 in s.above:
             s.floor += 1
             s.above.discard(s.floor)
@@ -51,3 +53,11 @@ class Deduper:
 
     def streams(self) -> int:
         return len(self._streams)
+
+    def export(self, key: tuple[str, int]) -> tuple[int, list[int]]:
+        """(floor, seqs seen above it) of one stream, for persisting."""
+        s = self._streams[key]
+        return s.floor, sorted(s.above)
+
+    def restore(self, key: tuple[str, int], floor: int, above: list[int]) -> None:
+        self._streams[key] = _Stream(floor, set(above))

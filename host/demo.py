@@ -257,7 +257,7 @@ class Demo:
             "node",
             "machine",
             "fault",
-            "windows",
+            "seq",
             "queued on node",
             "at gateway",
             "anomalies",

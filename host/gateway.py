@@ -15,12 +15,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host import wire
-from edgeline.host.dedupe import Deduper
+from edgeline.host.gateway_store import GatewayStore
 from edgeline.host.machine_state import MachineState, StateStore
 from edgeline.host.opcua_server import OpcuaServer
 from paho.mqtt.enums import CallbackAPIVersion
@@ -41,6 +42,8 @@ class GatewayConfig:
     opcua_host: str = "127.0.0.1"
     opcua_port: int = 4840
     dead_letter_site: str = "gateway"  # site level of the dead-letter topic when site is "+"
+    state_dir: str | None = None  # dedupe marks and counters; None = in memory (demo, tests)
+    max_batch: int = 512  # messages processed (and committed) together under load
 
 
 @dataclass
@@ -57,26 +60,49 @@ class GatewayStats:
 EventListener = Callable[[wire.Event, MachineState, int], None]
 
 
+@dataclass
+class Inbound:
+    """One MQTT message as paho handed it over: acknowledged only once it is committed."""
+
+    topic: str
+    payload: bytes
+    t_recv_us: int
+    mid: int = 0
+    qos: int = 0
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.state = StateStore()
-        self.dedupe = Deduper()
+        if cfg.state_dir:
+            Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+            self.store = GatewayStore(Path(cfg.state_dir) / "gateway.sqlite3")
+        else:
+            self.store = GatewayStore()
+        self.dedupe = self.store.load_deduper()
+        self._counts: Counter[tuple[str, str]] = Counter()
         self.opcua = OpcuaServer(cfg.opcua_host, cfg.opcua_port)
         self.stats = GatewayStats()
         self.event_listeners: list[EventListener] = []
-        self._inbox: asyncio.Queue[tuple[str, bytes, int] | None] = asyncio.Queue()
-        self._pending: dict[str, list[tuple[str, bytes, int]]] = {}
+        self._inbox: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        self._pending: dict[str, list[Inbound]] = {}
+        self._to_ack: list[Inbound] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         site = cfg.dead_letter_site if cfg.site == "+" else cfg.site
         self.state_topic = f"{w.TOPIC_ROOT}/{site}/{w.GATEWAY_NODE}/state"
         self.dead_topic = f"{w.TOPIC_ROOT}/{site}/{w.GATEWAY_NODE}/dead"
+        # A persistent session with a stable client id, and acknowledgements sent by us only
+        # after a message's effects are committed: what the broker holds for a gateway that
+        # was down or killed is delivered again when it comes back, and nothing is acked
+        # that was not recorded.
         self._mqtt = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"edgeline-{cfg.gateway_id}",
-            clean_session=True,
+            client_id=f"edgeline-gateway-{cfg.gateway_id}",
+            clean_session=False,
+            manual_ack=True,
         )
         if cfg.broker_user:
             self._mqtt.username_pw_set(cfg.broker_user, cfg.broker_password)
@@ -116,9 +142,7 @@ class Gateway:
 
     async def stop(self) -> None:
         if self._mqtt.is_connected():
-            info = self._mqtt.publish(
-                self.state_topic, self._state_payload(False), qos=1, retain=True
-            )
+            info = self._mqtt.publish(self.state_topic, self._state_payload(False), qos=1, retain=True)
             with contextlib.suppress(Exception):
                 await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 2.0)
             self._mqtt.disconnect()
@@ -129,6 +153,7 @@ class Gateway:
                 await asyncio.wait_for(self._task, 5.0)
             self._task = None
         await self.opcua.stop()
+        self.store.close()
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait until every message received so far has been processed."""
@@ -142,9 +167,7 @@ class Gateway:
             log.error("MQTT broker refused the gateway: %s", rc)
             return
         site = self.cfg.site
-        client.subscribe(
-            [(f"{w.TOPIC_ROOT}/{site}/+/{k}", 1) for k in ("evt", "tel", "birth", "death")]
-        )
+        client.subscribe([(f"{w.TOPIC_ROOT}/{site}/+/{k}", 1) for k in ("evt", "tel", "birth", "death")])
         client.publish(self.state_topic, self._state_payload(True), qos=1, retain=True)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._connected.set)
@@ -154,22 +177,44 @@ class Gateway:
             log.warning("gateway lost the MQTT broker (%s); paho reconnects", rc)
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        t_recv = time.time_ns() // 1000
+        item = Inbound(msg.topic, bytes(msg.payload), time.time_ns() // 1000, msg.mid, msg.qos)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(
-            self._inbox.put_nowait, (msg.topic, bytes(msg.payload), t_recv)
-        )
+        self._loop.call_soon_threadsafe(self._inbox.put_nowait, item)
 
     # -- processing -----------------------------------------------------------------------
     async def _consume(self) -> None:
         while True:
-            item = await self._inbox.get()
-            if item is None:
+            first = await self._inbox.get()
+            batch = [first]
+            # Under load, take what has piled up and commit it as one transaction.
+            while len(batch) < self.cfg.max_batch and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            stop = None in batch
+            await self.process([b for b in batch if b is not None])
+            if stop:
                 return
-            try:
-                await self.handle(*item)
-            except Exception:  # a bug must not stop ingest; it is logged loudly
-                log.exception("gateway failed on a message from %s", item[0])
+
+    async def process(self, batch: list[Inbound]) -> None:
+        """Handle a batch, commit its effects in one transaction, then acknowledge it."""
+        self.store.begin()
+        try:
+            for item in batch:
+                try:
+                    await self.handle(item.topic, item.payload, item.t_recv_us, item)
+                except Exception:  # a bug must not stop ingest; it is logged loudly
+                    log.exception("gateway failed on a message from %s", item.topic)
+                    self._to_ack.append(item)
+            self.store.write_batch(self.dedupe, self._counts)
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        finally:
+            self._counts.clear()
+        for item in self._to_ack:
+            if item.qos > 0:
+                self._mqtt.ack(item.mid, item.qos)
+        self._to_ack.clear()
 
     def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         self.stats.malformed += 1
@@ -184,8 +229,14 @@ class Gateway:
         }
         self._mqtt.publish(self.dead_topic, wire.encode(body), qos=1)
 
-    async def handle(self, topic: str, payload: bytes, t_recv_us: int) -> None:
+    async def handle(self, topic: str, payload: bytes, t_recv_us: int, item: Inbound | None = None) -> None:
+        """Process one message (outside a batch commit when called directly, as tests do)."""
+        if item is None:
+            item = Inbound(topic, payload, t_recv_us)
         self.stats.received += 1
+        if topic.split("/")[3:4] == [w.GATEWAY_NODE]:
+            self._to_ack.append(item)  # our own state/dead-letter messages
+            return
         try:
             t = wire.parse_topic(topic)
             m = wire.decode(payload)
@@ -196,18 +247,20 @@ class Gateway:
             else:
                 ev = wire.parse_event(m, t)
                 if self.state.machine_of(ev.node) is None:
-                    self._park(t.node, topic, payload, t_recv_us)
+                    self._park(t.node, item)  # acknowledged once its birth lets it through
                     return
                 await self._on_event(ev, t_recv_us)
         except wire.WireError as e:
             self._dead_letter(topic, payload, str(e))
+        self._to_ack.append(item)
 
-    def _park(self, node: str, topic: str, payload: bytes, t_recv_us: int) -> None:
+    def _park(self, node: str, item: Inbound) -> None:
         q = self._pending.setdefault(node, [])
         if len(q) >= MAX_PENDING_PER_NODE:
-            self._dead_letter(topic, payload, f"unknown node {node!r}: no birth seen")
+            self._dead_letter(item.topic, item.payload, f"unknown node {node!r}: no birth seen")
+            self._to_ack.append(item)
             return
-        q.append((topic, payload, t_recv_us))
+        q.append(item)
         self.stats.pending = sum(len(v) for v in self._pending.values())
 
     async def _on_birth(self, b: wire.Birth) -> None:
@@ -218,7 +271,7 @@ class Gateway:
         log.info("birth of node %s boot %d on %s", b.node, b.boot, m.key)
         for item in self._pending.pop(b.node, []):
             self.stats.received -= 1  # counted when it first arrived
-            await self.handle(*item)
+            await self.handle(item.topic, item.payload, item.t_recv_us, item)
         self.stats.pending = sum(len(v) for v in self._pending.values())
 
     async def _on_death(self, d: wire.Death) -> None:
@@ -238,12 +291,12 @@ class Gateway:
         m = self.state.on_event(ev)
         if m is None:
             return
+        self._counts[(m.key, kind)] += 1
         if ev.kind == w.KIND_EVT:
             await self.opcua.update(m, ev)
             if ev.anomaly:
+                self._counts[(m.key, "anomaly")] += 1
                 await self.opcua.emit_anomaly(m, ev)
-                log.info(
-                    "anomaly on %s trace=%s node=%s seq=%d", m.key, ev.trace_hex, ev.node, ev.seq
-                )
+                log.info("anomaly on %s trace=%s node=%s seq=%d", m.key, ev.trace_hex, ev.node, ev.seq)
         for listener in self.event_listeners:
             listener(ev, m, t_recv_us)
