@@ -24,6 +24,8 @@ from edgeline.host import wire
 from edgeline.host.gateway_store import GatewayStore
 from edgeline.host.machine_state import MachineState, StateStore
 from edgeline.host.opcua_server import OpcuaServer
+from edgeline.host.uplink import UplinkConfig
+from edgeline.host.uplinker import open_uplinker, uplink_listener
 from paho.mqtt.enums import CallbackAPIVersion
 
 log = logging.getLogger("edgeline.gateway")
@@ -44,6 +46,7 @@ class GatewayConfig:
     dead_letter_site: str = "gateway"  # site level of the dead-letter topic when site is "+"
     state_dir: str | None = None  # dedupe marks and counters; None = in memory (demo, tests)
     max_batch: int = 512  # messages processed (and committed) together under load
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)  # kind "none" = no uplink
 
 
 @dataclass
@@ -85,6 +88,9 @@ class Gateway:
         self.opcua = OpcuaServer(cfg.opcua_host, cfg.opcua_port)
         self.stats = GatewayStats()
         self.event_listeners: list[EventListener] = []
+        self.uplinker = open_uplinker(cfg.uplink, cfg.state_dir)
+        if self.uplinker is not None:
+            self.event_listeners.append(uplink_listener(self.uplinker.outbox, cfg.gateway_id))
         self._inbox: asyncio.Queue[Inbound | None] = asyncio.Queue()
         self._pending: dict[str, list[Inbound]] = {}
         self._to_ack: list[Inbound] = []
@@ -128,6 +134,8 @@ class Gateway:
     async def start(self, connect_timeout: float = 10.0) -> None:
         self._loop = asyncio.get_running_loop()
         await self.opcua.start()
+        if self.uplinker is not None:
+            await self.uplinker.start()
         self._task = asyncio.create_task(self._consume(), name="edgeline-gateway-consume")
         self._mqtt.connect_async(self.cfg.broker_host, self.cfg.broker_port, keepalive=30)
         self._mqtt.loop_start()
@@ -152,6 +160,9 @@ class Gateway:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._task, 5.0)
             self._task = None
+        if self.uplinker is not None:
+            await self.uplinker.stop()
+            self.uplinker.outbox.close()
         await self.opcua.stop()
         self.store.close()
 
@@ -205,6 +216,10 @@ class Gateway:
                     log.exception("gateway failed on a message from %s", item.topic)
                     self._to_ack.append(item)
             self.store.write_batch(self.dedupe, self._counts)
+            if self.uplinker is not None:
+                # Uplink records become durable before the batch commits: a crash in between
+                # re-sends them, and upstream dedupes on (node, boot, seq) (docs/uplink.md).
+                self.uplinker.outbox.flush()
             self.store.commit()
         except BaseException:
             self.store.rollback()

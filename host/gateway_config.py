@@ -1,6 +1,24 @@
 """`edgeline gateway run --config FILE`: the TOML config, validated at start.
 
-Errors name the key and say what it must be.
+Errors name the key and say what it must be. Example:
+
+    [gateway]
+    id = "line-1-gw"
+    site = "plant-a"          # or "+" for every site on the broker
+    state_dir = "/var/lib/edgeline"
+
+    [mqtt]
+    host = "127.0.0.1"
+    port = 1883
+
+    [opcua]
+    host = "0.0.0.0"
+    port = 4840
+
+    [uplink]                  # optional; kind = "none" | "mqtt" | "kafka"
+    kind = "mqtt"
+    host = "uplink.example"
+    port = 8883
 """
 
 from __future__ import annotations
@@ -11,56 +29,98 @@ from typing import Any
 
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host.gateway import GatewayConfig
+from edgeline.host.uplink import UplinkConfig
 
 
 class GatewayConfigError(ValueError):
     pass
 
 
-_SCHEMA: dict[str, dict[str, type]] = {
-    "gateway": {"id": str, "site": str},
-    "mqtt": {"host": str, "port": int, "user": str, "password": str},
-    "opcua": {"host": str, "port": int},
+# section -> key -> (accepted types, GatewayConfig/UplinkConfig attribute)
+_STR, _INT, _NUM, _TABLE = (str,), (int,), (int, float), (dict,)
+_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
+    "gateway": {
+        "id": (_STR, "gateway_id"),
+        "site": (_STR, "site"),
+        "state_dir": (_STR, "state_dir"),
+        "max_batch": (_INT, "max_batch"),
+    },
+    "mqtt": {
+        "host": (_STR, "broker_host"),
+        "port": (_INT, "broker_port"),
+        "user": (_STR, "broker_user"),
+        "password": (_STR, "broker_password"),
+    },
+    "opcua": {"host": (_STR, "opcua_host"), "port": (_INT, "opcua_port")},
+    "uplink": {
+        "kind": (_STR, "kind"),
+        "host": (_STR, "host"),
+        "port": (_INT, "port"),
+        "client_id": (_STR, "client_id"),
+        "username": (_STR, "username"),
+        "password": (_STR, "password"),
+        "tls_ca": (_STR, "tls_ca"),
+        "tls_cert": (_STR, "tls_cert"),
+        "tls_key": (_STR, "tls_key"),
+        "bootstrap_servers": (_STR, "bootstrap_servers"),
+        "topic": (_STR, "topic"),
+        "kafka_config": (_TABLE, "kafka_config"),
+        "max_bytes": (_INT, "max_bytes"),
+        "max_age_s": (_NUM, "max_age_s"),
+    },
 }
 
 
-def _check(raw: dict[str, Any]) -> None:
+def _check_types(raw: dict[str, Any]) -> None:
     for section, value in raw.items():
         if section not in _SCHEMA:
             raise GatewayConfigError(f"unknown section [{section}]; known: {', '.join(_SCHEMA)}")
         if not isinstance(value, dict):
             raise GatewayConfigError(f"[{section}] must be a table")
         for key, v in value.items():
-            typ = _SCHEMA[section].get(key)
-            if typ is None:
-                raise GatewayConfigError(
-                    f"unknown key {section}.{key}; known: {', '.join(_SCHEMA[section])}"
-                )
-            if not isinstance(v, typ) or isinstance(v, bool):
-                raise GatewayConfigError(f"{section}.{key} must be a {typ.__name__}, got {v!r}")
-    for section in ("mqtt", "opcua"):
-        port = raw.get(section, {}).get("port")
-        if port is not None and not 1 <= port <= 65535:
-            raise GatewayConfigError(f"{section}.port must be 1..65535, got {port}")
-    site = raw.get("gateway", {}).get("site", "+")
-    if site != "+" and not w.valid_name(site):
-        raise GatewayConfigError(f"gateway.site must be '+' or a valid name, got {site!r}")
+            spec = _SCHEMA[section].get(key)
+            if spec is None:
+                raise GatewayConfigError(f"unknown key {section}.{key}; known: {', '.join(_SCHEMA[section])}")
+            types = spec[0]
+            if not isinstance(v, types) or isinstance(v, bool):
+                names = " or ".join(t.__name__ for t in types)
+                raise GatewayConfigError(f"{section}.{key} must be a {names}, got {v!r}")
+
+
+def _check_values(cfg: GatewayConfig) -> None:
+    for key, port in (
+        ("mqtt.port", cfg.broker_port),
+        ("opcua.port", cfg.opcua_port),
+        ("uplink.port", cfg.uplink.port),
+    ):
+        if not 1 <= port <= 65535:
+            raise GatewayConfigError(f"{key} must be 1..65535, got {port}")
+    if cfg.site != "+" and not w.valid_name(cfg.site):
+        raise GatewayConfigError(f"gateway.site must be '+' or a valid name, got {cfg.site!r}")
+    if not w.valid_name(cfg.gateway_id):
+        raise GatewayConfigError(f"gateway.id must be 1-32 of A-Z a-z 0-9 _ -, got {cfg.gateway_id!r}")
+    if not 1 <= cfg.max_batch <= 100_000:
+        raise GatewayConfigError(f"gateway.max_batch must be 1..100000, got {cfg.max_batch}")
+    if cfg.uplink.kind not in ("none", "mqtt", "kafka"):
+        raise GatewayConfigError(f"uplink.kind must be 'none', 'mqtt' or 'kafka', got {cfg.uplink.kind!r}")
+    if cfg.uplink.kind == "kafka" and not cfg.uplink.bootstrap_servers:
+        raise GatewayConfigError("uplink.bootstrap_servers is required when uplink.kind = 'kafka'")
+    if cfg.uplink.max_bytes <= 0 or cfg.uplink.max_age_s <= 0:
+        raise GatewayConfigError("uplink.max_bytes and uplink.max_age_s must be positive")
 
 
 def parse(raw: dict[str, Any]) -> GatewayConfig:
-    _check(raw)
-    g, m, o = raw.get("gateway", {}), raw.get("mqtt", {}), raw.get("opcua", {})
-    d = GatewayConfig()
-    return GatewayConfig(
-        broker_host=m.get("host", d.broker_host),
-        broker_port=m.get("port", d.broker_port),
-        broker_user=m.get("user"),
-        broker_password=m.get("password"),
-        site=g.get("site", d.site),
-        gateway_id=g.get("id", d.gateway_id),
-        opcua_host=o.get("host", d.opcua_host),
-        opcua_port=o.get("port", d.opcua_port),
-    )
+    _check_types(raw)
+    cfg = GatewayConfig()
+    for section in ("gateway", "mqtt", "opcua"):
+        for key, v in raw.get(section, {}).items():
+            setattr(cfg, _SCHEMA[section][key][1], v)
+    up = UplinkConfig()
+    for key, v in raw.get("uplink", {}).items():
+        setattr(up, _SCHEMA["uplink"][key][1], v)
+    cfg.uplink = up
+    _check_values(cfg)
+    return cfg
 
 
 def load(path: Path) -> GatewayConfig:

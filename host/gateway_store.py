@@ -1,11 +1,13 @@
 """The gateway's durable state: dedupe marks and processed counters, in SQLite (WAL).
 
-Exactly-once processing needs the dedupe marks of a batch and everything the batch
-produced (counters, uplink records) to be committed in ONE transaction, and the MQTT
-acknowledgements to go out only after that commit: a crash before the commit means the
-broker redelivers and nothing was recorded; a crash after it means the redelivered copies
-are recognised as duplicates. WAL mode lets readers (metrics, tests) look while the
-gateway writes, and makes each commit a single append to the log.
+Exactly-once processing needs the dedupe marks of a batch and the state it produced
+(counters) to be committed in ONE transaction, and the MQTT acknowledgements to go out only
+after that commit: a crash before the commit means the broker redelivers and nothing was
+recorded; a crash after it means the redelivered copies are recognised as duplicates.
+Uplink records live in the outbox (its own file) and are flushed just before this commit,
+so upstream sees each record at least once and dedupes on (node, boot, seq).
+WAL mode lets readers (metrics, tests) look while the gateway writes, and makes each
+commit a single append to the log.
 """
 
 from __future__ import annotations
