@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="MicroPython heap, e.g. 128k, to hold the node to an MCU's RAM",
     )
     ns.set_defaults(func=_node_sim)
+
+    from edgeline.hil.deploy import add_parser as add_deploy_parser
+    from edgeline.host.provision import add_parser as add_provision_parser
+    from edgeline.quantize.bench import add_bench_parser
+    from edgeline.quantize.cli import add_quantize_parser
+
+    add_deploy_parser(n)
+    add_provision_parser(sub)
+    add_quantize_parser(sub)
+    add_bench_parser(sub)
     return p
 
 

@@ -30,7 +30,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 log = logging.getLogger("edgeline.gateway")
 
-MAX_PENDING_PER_NODE = 1000  # events that arrive before their node's birth, kept briefly
+# Events that arrive before their node's birth are held unacknowledged, briefly: the
+# broker stops sending once its in-flight window (Mosquitto: max_inflight_messages) is full
+# of them, so they must not wait long, and never more than a window's worth.
+MAX_PENDING = 16
+PENDING_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -56,6 +60,7 @@ class GatewayStats:
     duplicates: int = 0
     malformed: int = 0
     pending: int = 0
+    failed_batches: int = 0
     by_kind: Counter[str] = field(default_factory=Counter)
     dead_reasons: Counter[str] = field(default_factory=Counter)
 
@@ -114,6 +119,7 @@ class Gateway:
             self._mqtt.username_pw_set(cfg.broker_user, cfg.broker_password)
         # Nodes follow this retained topic to know whether the gateway is there.
         self._mqtt.will_set(self.state_topic, self._state_payload(False), qos=1, retain=True)
+        self._mqtt.enable_logger(logging.getLogger("edgeline.gateway.mqtt"))  # paho's own, at DEBUG
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_message = self._on_message
         self._mqtt.on_disconnect = self._on_disconnect
@@ -134,6 +140,7 @@ class Gateway:
     async def start(self, connect_timeout: float = 10.0) -> None:
         self._loop = asyncio.get_running_loop()
         await self.opcua.start()
+        await self._restore_births()
         if self.uplinker is not None:
             await self.uplinker.start()
         self._task = asyncio.create_task(self._consume(), name="edgeline-gateway-consume")
@@ -195,13 +202,22 @@ class Gateway:
     # -- processing -----------------------------------------------------------------------
     async def _consume(self) -> None:
         while True:
-            first = await self._inbox.get()
+            try:
+                first = await asyncio.wait_for(self._inbox.get(), 1.0 if self._pending else None)
+            except TimeoutError:
+                await self.process([])  # nothing came in: still let parked events expire
+                continue
             batch = [first]
             # Under load, take what has piled up and commit it as one transaction.
             while len(batch) < self.cfg.max_batch and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
             stop = None in batch
-            await self.process([b for b in batch if b is not None])
+            try:
+                await self.process([b for b in batch if b is not None])
+            except Exception:
+                # Nothing of the batch was committed or acknowledged: the broker redelivers it.
+                log.exception("gateway failed to commit a batch of %d messages", len(batch))
+                self.stats.failed_batches += 1
             if stop:
                 return
 
@@ -215,6 +231,8 @@ class Gateway:
                 except Exception:  # a bug must not stop ingest; it is logged loudly
                     log.exception("gateway failed on a message from %s", item.topic)
                     self._to_ack.append(item)
+            if self._pending:
+                self._expire_pending()
             self.store.write_batch(self.dedupe, self._counts)
             if self.uplinker is not None:
                 # Uplink records become durable before the batch commits: a crash in between
@@ -256,7 +274,7 @@ class Gateway:
             t = wire.parse_topic(topic)
             m = wire.decode(payload)
             if t.kind == "birth":
-                await self._on_birth(wire.parse_birth(m, t))
+                await self._on_birth(wire.parse_birth(m, t), payload)
             elif t.kind == "death":
                 await self._on_death(wire.parse_death(m, t))
             else:
@@ -270,16 +288,49 @@ class Gateway:
         self._to_ack.append(item)
 
     def _park(self, node: str, item: Inbound) -> None:
-        q = self._pending.setdefault(node, [])
-        if len(q) >= MAX_PENDING_PER_NODE:
+        if self.stats.pending >= MAX_PENDING:
             self._dead_letter(item.topic, item.payload, f"unknown node {node!r}: no birth seen")
             self._to_ack.append(item)
             return
-        q.append(item)
+        self._pending.setdefault(node, []).append(item)
         self.stats.pending = sum(len(v) for v in self._pending.values())
 
-    async def _on_birth(self, b: wire.Birth) -> None:
+    async def _restore_births(self) -> None:
+        """Known nodes from the last run, so their events need not wait for a new birth."""
+        for node, raw in self.store.births():
+            try:
+                m = wire.decode(raw)
+                topic = wire.Topic(site=str(m.get(w.K_SITE, "")), node=node, kind="birth")
+                b = wire.parse_birth(m, topic)
+            except wire.WireError as e:  # a schema this version no longer reads
+                log.warning("stored birth of node %s not restored: %s", node, e)
+                continue
+            m_state, _ = self.state.on_birth(b)
+            await self.opcua.ensure_machine(m_state)
+        if self.state.nodes:
+            log.info("restored %d known nodes from %s", len(self.state.nodes), self.store.path)
+
+    def _expire_pending(self) -> None:
+        """Dead-letter events whose node never announced itself within PENDING_TIMEOUT_S."""
+        cutoff = time.time_ns() // 1000 - int(PENDING_TIMEOUT_S * 1e6)
+        for node in list(self._pending):
+            keep = []
+            for item in self._pending[node]:
+                if item.t_recv_us < cutoff:
+                    self._dead_letter(item.topic, item.payload, f"unknown node {node!r}: no birth seen")
+                    self._to_ack.append(item)
+                else:
+                    keep.append(item)
+            if keep:
+                self._pending[node] = keep
+            else:
+                del self._pending[node]
+        self.stats.pending = sum(len(v) for v in self._pending.values())
+
+    async def _on_birth(self, b: wire.Birth, raw: bytes | None = None) -> None:
         self.stats.by_kind["birth"] += 1
+        if raw is not None:
+            self.store.save_birth(b.node, raw)
         m, _new = self.state.on_birth(b)
         await self.opcua.ensure_machine(m)
         await self.opcua.set_online(m.key, True)

@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS dedupe (
     node TEXT NOT NULL, boot INTEGER NOT NULL, floor INTEGER NOT NULL, above BLOB NOT NULL,
     PRIMARY KEY (node, boot)
 );
+CREATE TABLE IF NOT EXISTS births (
+    node TEXT PRIMARY KEY, payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS processed (
     machine TEXT NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (machine, kind)
@@ -56,6 +59,17 @@ class GatewayStore:
         for node, boot, floor, above in self.db.execute("SELECT node, boot, floor, above FROM dedupe"):
             d.restore((node, boot), floor, _unpack(above))
         return d
+
+    def save_birth(self, node: str, payload: bytes) -> None:
+        """The node's latest birth certificate, so a restarted gateway knows its nodes."""
+        self.db.execute(
+            "INSERT INTO births (node, payload) VALUES (?, ?) "
+            "ON CONFLICT (node) DO UPDATE SET payload = excluded.payload",
+            (node, payload),
+        )
+
+    def births(self) -> list[tuple[str, bytes]]:
+        return [(n, bytes(p)) for n, p in self.db.execute("SELECT node, payload FROM births ORDER BY node")]
 
     def processed(self) -> dict[tuple[str, str], int]:
         return {(m, k): c for m, k, c in self.db.execute("SELECT machine, kind, count FROM processed")}

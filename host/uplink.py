@@ -37,14 +37,12 @@ log = logging.getLogger("edgeline.uplink")
 
 UPLINK_TOPIC_ROOT = "edgeline/v1/uplink"
 UPLINK_SCHEMA_VERSION = 1
-KIND_UPLINK = 7  # key 1 of an uplink record; the node wire kinds are 1-6
+KIND_UPLINK = w.KIND_UPLINK  # key 1 of an uplink record
 # Keys shared with the node wire format keep its numbers and meaning (docs/wire-format.md).
 K_V, K_KIND, K_NODE, K_BOOT, K_SEQ, K_TRACE = w.K_V, w.K_KIND, w.K_NODE, w.K_BOOT, w.K_SEQ, w.K_TRACE
 K_T_WALL, K_SCORES, K_ANOMALY = w.K_T_WALL, w.K_SCORES, w.K_ANOMALY
 # Keys of the uplink record only (50-59 reserved for it).
-K_MACHINE_KEY = 50  # tstr "site/line/machine"
-K_GATEWAY_ID = 51  # tstr
-K_T_GATEWAY = 52  # uint, gateway receive time, microseconds since the epoch
+K_MACHINE_KEY, K_GATEWAY_ID, K_T_GATEWAY = w.K_MACHINE_KEY, w.K_GATEWAY_ID, w.K_T_GATEWAY
 MAX_RECORD = 16 * 1024
 
 

@@ -2,19 +2,26 @@
 import json
 
 from . import wire
+from .hal_config import HAL_DEFAULTS, check_hal
 
 DEFAULTS = {
     "node_id": None,
     "site": "site",
     "line": "line",
     "machine": None,
-    "broker": {"host": "127.0.0.1", "port": 1883, "user": None, "password": None, "keepalive": 30},
-    "hal": {"kind": "sim", "seed": 1, "rate_hz": 1000},
+    # broker.tls: None (plain MQTT) or {"ca": ..., "cert": ..., "key": ...}, DER file names
+    # relative to the config file's folder (what `edgeline provision` writes; see tls.py).
+    "broker": {"host": "127.0.0.1", "port": 1883, "user": None, "password": None, "keepalive": 30,
+               "tls": None},
+    "hal": HAL_DEFAULTS,  # hal_config.py documents and checks this section
     "window": {"samples": 256, "period_ms": 500},
     "spc": {"calibration": 20, "k_sigma": 3.0, "run": 2},
     "telemetry_every": 10,
     "data_dir": "data",
-    "queue": {"max_messages": 256},
+    # The flash queue (docs/store-and-forward.md). dir: relative to data_dir unless it starts
+    # with "/". max_messages is from the RAM queue it replaced: still accepted, not used.
+    "queue": {"dir": "queue", "capacity_bytes": 262144, "segment_bytes": 16384, "commit_every": 32,
+              "commit_ms": 5000, "max_messages": 256},
 }
 
 
@@ -50,6 +57,21 @@ def _int_in(cfg, key, lo, hi):
           key, "must be an integer from %d to %d, got %r" % (lo, hi, value))
 
 
+def _check_tls(tls):
+    if tls is None:
+        return
+    _need(isinstance(tls, dict), "broker.tls", "must be null or an object with ca, cert, key")
+    for key in tls:
+        _need(key in ("ca", "cert", "key"), "broker.tls." + key, "is unknown; known keys: ca, cert, key")
+    _need(isinstance(tls.get("ca"), str) and tls["ca"], "broker.tls.ca",
+          "must name the CA certificate file (DER)")
+    for key in ("cert", "key"):
+        _need(tls.get(key) is None or (isinstance(tls[key], str) and tls[key]), "broker.tls." + key,
+              "must name a DER file, or be null")
+    _need((tls.get("cert") is None) == (tls.get("key") is None), "broker.tls",
+          "needs both cert and key (a client certificate and its key), or neither")
+
+
 def validate(given):
     if not isinstance(given, dict):
         raise ConfigError("config must be a JSON object")
@@ -61,9 +83,8 @@ def validate(given):
           "must be a host name or address")
     _int_in(cfg, "broker.port", 1, 65535)
     _int_in(cfg, "broker.keepalive", 5, 3600)
-    _need(cfg["hal"]["kind"] == "sim", "hal.kind", "must be 'sim' on this build, got %r" % (cfg["hal"]["kind"],))
-    _int_in(cfg, "hal.seed", 0, 2**30)
-    _int_in(cfg, "hal.rate_hz", 1, 100000)
+    _check_tls(cfg["broker"]["tls"])
+    check_hal(cfg["hal"], ConfigError)
     _int_in(cfg, "window.samples", 8, 4096)
     _int_in(cfg, "window.period_ms", 10, 3600000)
     _int_in(cfg, "spc.calibration", 2, 100000)
@@ -72,6 +93,16 @@ def validate(given):
     _need(isinstance(k, (int, float)) and 0 < k <= 20, "spc.k_sigma", "must be a number in (0, 20], got %r" % (k,))
     _int_in(cfg, "telemetry_every", 0, 100000)
     _int_in(cfg, "queue.max_messages", 1, 100000)
+    q = cfg["queue"]
+    _need(isinstance(q["dir"], str) and q["dir"] and "\x00" not in q["dir"], "queue.dir",
+          "must be a folder name or path, got %r" % (q["dir"],))
+    # A segment holds at least one record of the largest message (2 KiB) plus its header.
+    _int_in(cfg, "queue.segment_bytes", 4096, 1048576)
+    _int_in(cfg, "queue.capacity_bytes", 8192, 2**30)
+    _need(q["capacity_bytes"] >= 2 * q["segment_bytes"], "queue.capacity_bytes",
+          "must be at least 2 * queue.segment_bytes (%d), got %d" % (2 * q["segment_bytes"], q["capacity_bytes"]))
+    _int_in(cfg, "queue.commit_every", 1, 100000)
+    _int_in(cfg, "queue.commit_ms", 0, 3600000)
     _need(isinstance(cfg["data_dir"], str), "data_dir", "must be a path")
     return cfg
 

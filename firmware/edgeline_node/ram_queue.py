@@ -5,7 +5,7 @@
 
 class RamQueue:
     def __init__(self, max_messages):
-        self._items = [None] * max_messages  # ring of (kind, payload); allocated once
+        self._items = [None] * max_messages  # type: list  # ring of (kind, payload); allocated once
         self._head = 0
         self._len = 0
         self.drops = 0

@@ -12,7 +12,15 @@ KIND_BIRTH = const(3)
 KIND_DEATH = const(4)
 KIND_STATE = const(5)
 KIND_DEAD_LETTER = const(6)
-KIND_NAMES = {1: "evt", 2: "tel", 3: "birth", 4: "death", 5: "state", 6: "dead"}
+# Southbound (docs/southbound.md) and the uplink record (docs/uplink.md).
+KIND_CMD_MODEL = const(7)  # gateway -> node, cmd/model
+KIND_CMD_CONFIG = const(8)  # gateway -> node, cmd/config
+KIND_TIME_REQ = const(9)  # node -> gateway, cmd/time/req
+KIND_TIME_RESP = const(10)  # gateway -> node, cmd/time/resp
+KIND_CMD_ACK = const(11)  # node -> gateway, cmd/ack
+KIND_UPLINK = const(12)  # gateway -> upstream, not on the node's broker topics
+KIND_NAMES = {1: "evt", 2: "tel", 3: "birth", 4: "death", 5: "state", 6: "dead", 7: "cmd/model",
+              8: "cmd/config", 9: "cmd/time/req", 10: "cmd/time/resp", 11: "cmd/ack"}
 
 # Keys common to every message.
 K_V = const(0)  # schema version, uint
@@ -53,6 +61,25 @@ K_GATEWAY = const(41)
 K_TOPIC = const(42)
 K_REASON = const(43)
 K_PAYLOAD = const(44)  # first bytes of the refused payload
+
+# southbound commands (docs/southbound.md)
+K_CMD_ID = const(50)  # uint < 2**32, one push (all its chunks and its ack share it)
+K_VERSION = const(51)  # uint < 2**32, model or config version; older than the running one: refused
+K_SHA256 = const(52)  # bstr 32, sha256 of the whole model file / of the config bytes
+K_TAG = const(53)  # bstr 32, HMAC-SHA256(device key, sha256 || u32be(version) || node id)
+K_INDEX = const(54)  # uint, chunk index from 0
+K_TOTAL = const(55)  # uint >= 1, number of chunks
+K_DATA = const(56)  # bstr, this chunk's bytes (model), or the whole config as CBOR (config)
+K_SIZE = const(57)  # uint, the whole model's size in bytes
+K_T1 = const(60)  # uint, node ticks_us when it sent the time request (echoed by the gateway)
+K_T2 = const(61)  # gateway wall clock us since the epoch when the request arrived
+K_T3 = const(62)  # gateway wall clock us since the epoch when the answer left
+K_STATUS = const(63)  # tstr, ack status: "ok" or a refusal code
+
+# uplink records (docs/uplink.md)
+K_MACHINE_KEY = const(70)  # tstr "site/line/machine"
+K_GATEWAY_ID = const(71)  # tstr
+K_T_GATEWAY = const(72)  # uint, gateway receive time, us since the epoch
 
 GATEWAY_NODE = "_gateway"  # reserved node id under which the gateway publishes
 

@@ -261,18 +261,42 @@ def test_pingreq_when_half_keepalive_elapsed(peer: FakePeer) -> None:
 
 
 def test_unanswered_ping_means_dead_broker(peer: FakePeer) -> None:
+    # Dead = nothing received for 1.5 x keepalive (the broker's own rule, 3.1.2.10) while
+    # a PINGREQ is unanswered: counted from the last packet received, here the CONNACK.
     peer.answer_pings = False
+    t_connack = time.monotonic()
     c = connected(peer, keepalive=1)
     time.sleep(0.5)
     c.ping_if_due()
     assert peer.next() == b"\xc0\x00"
     t0 = time.monotonic()
-    with pytest.raises(MQTTError, match="no PINGRESP within 1500 ms"):
+    with pytest.raises(MQTTError, match=r"no PINGRESP: nothing received from .* for 1500 ms"):
         while time.monotonic() - t0 < 3:
             c.poll(50)
             c.ping_if_due()
-    assert 1.3 < time.monotonic() - t0 < 2.0
+    assert 1.4 < time.monotonic() - t_connack < 1.8
+    assert 0.8 < time.monotonic() - t0 < 1.3
     assert not c.connected
+
+
+def test_ping_when_only_receiving_is_idle(peer: FakePeer) -> None:
+    # A node that publishes QoS 0 all the time never goes quiet on send; silence on the
+    # receive side alone must still trigger a PINGREQ, or a dead broker goes unnoticed.
+    c = connected(peer, keepalive=1)
+    t0 = time.monotonic()
+    pinged_at = None
+    while pinged_at is None and time.monotonic() - t0 < 1.0:
+        c.publish("a/b", b"x")
+        c.ping_if_due()
+        while not peer.packets.empty():
+            pkt = peer.next()
+            if pkt == b"\xc0\x00":
+                pinged_at = time.monotonic() - t0
+            else:
+                assert pkt == b"\x30\x06\x00\x03a/bx"
+        time.sleep(0.05)
+    assert pinged_at is not None and 0.45 < pinged_at < 0.7
+    c.close()
 
 
 def test_disconnect_then_close(peer: FakePeer) -> None:
@@ -303,6 +327,99 @@ def test_bad_arguments_are_value_errors(peer: FakePeer) -> None:
     with pytest.raises(ValueError, match="password needs a user"):
         MQTTClient("n", "127.0.0.1", password="pw")
     assert c.connected and peer.nothing_sent(0.05)
+    c.close()
+
+
+def test_window_sends_before_waiting_and_tracks_pubacks(peer: FakePeer) -> None:
+    peer.answer_publish = False
+    acks: list[int] = []
+    c = connected(peer, max_inflight=3)
+    c.on_puback = acks.append
+    assert [c.publish_nowait("a/b", b"%d" % i) for i in range(3)] == [1, 2, 3]
+    assert [peer.next() for _ in range(3)] == [
+        b"\x32\x08\x00\x03a/b\x00\x010",
+        b"\x32\x08\x00\x03a/b\x00\x021",
+        b"\x32\x08\x00\x03a/b\x00\x032",
+    ]
+    assert (c.inflight, c.window_free, c.pending(2)) == (3, 0, True)
+    peer.send(b"\x40\x02\x00\x02" + b"\x40\x02\x00\x09" + b"\x40\x02\x00\x01")  # 9: never sent
+    while c.poll(500) and len(acks) < 2:
+        pass
+    assert acks == [2, 1]
+    assert (c.inflight, c.window_free, c.pending(2), c.pending(3), c.stray_acks) == (1, 2, False, True, 1)
+    c.close()
+
+
+def test_resend_carries_dup_flag_and_the_same_packet_id(peer: FakePeer) -> None:
+    c = connected(peer)
+    assert c.publish_nowait("a/b", b"hi", dup=True, pid=7) == 7
+    assert peer.next() == b"\x3a\x09\x00\x03a/b\x00\x07hi"  # 0x30 | DUP 0x08 | QoS 1 0x02
+    assert c.publish_nowait("a/b", b"hi", retain=True) == 1  # the counter is not disturbed
+    assert peer.next() == b"\x33\x09\x00\x03a/b\x00\x01hi"
+    with pytest.raises(ValueError, match="DUP flag is only for QoS 1"):
+        c.publish_nowait("a/b", b"x", qos=0, dup=True)
+    with pytest.raises(ValueError, match=r"packet id 1\.\.65535"):
+        c.publish_nowait("a/b", b"x", pid=0x10000)
+    c.close()
+
+
+def test_full_window_waits_for_a_puback_then_times_out(peer: FakePeer) -> None:
+    peer.answer_publish = False
+    c = connected(peer, max_inflight=2, timeout_ms=300)
+    c.publish_nowait("a/b", b"1")
+    c.publish_nowait("a/b", b"2")
+    t0 = time.monotonic()
+    with pytest.raises(MQTTError, match=r"no PUBACK for packet id 1 .* within 300 ms"):
+        c.publish_nowait("a/b", b"3")
+    assert 0.25 < time.monotonic() - t0 < 1.0
+    assert not c.connected
+    assert [peer.next() for _ in range(2)] and peer.nothing_sent(0.05)  # the third never went out
+
+
+def test_overdue_puback_is_a_dead_link(peer: FakePeer) -> None:
+    # Traffic keeps flowing (PINGRESPs), but one PUBACK never comes: after timeout_ms the
+    # connection is declared dead, so the message gets resent on a new one.
+    peer.answer_publish = False
+    c = connected(peer, keepalive=1, timeout_ms=400)
+    c.publish_nowait("a/b", b"x")
+    t0 = time.monotonic()
+    with pytest.raises(MQTTError, match=r"no PUBACK for packet id 1 .* within 400 ms"):
+        while time.monotonic() - t0 < 2:
+            c.poll(20)
+            c.ping_if_due()
+    assert 0.38 < time.monotonic() - t0 < 0.6
+
+
+def test_connect_in_steps_never_waits_longer_than_asked() -> None:
+    p = FakePeer(connack=None)  # accepts TCP, never answers CONNECT
+    try:
+        c = MQTTClient("n", "127.0.0.1", p.port, timeout_ms=400)
+        c.connect_start(clean_session=False)
+        assert c.connecting and not c.connected
+        steps, t0, longest = 0, time.monotonic(), 0.0
+        with pytest.raises(MQTTError, match=r"no CONNACK from .* within 400 ms"):
+            while True:
+                ts = time.monotonic()
+                done = c.connect_step(20)
+                longest = max(longest, time.monotonic() - ts)
+                assert not done
+                steps += 1
+        assert longest < 0.08 and steps >= 5
+        assert 0.38 < time.monotonic() - t0 < 0.7
+        assert not c.connecting and not c.connected
+        assert p.next() == b"\x10\x0d\x00\x04MQTT\x04\x00\x00\x1e\x00\x01n"  # clean session 0
+    finally:
+        p.close()
+
+
+def test_subscribe_nowait_reports_suback(peer: FakePeer) -> None:
+    got: list[tuple[int, int]] = []
+    c = connected(peer)
+    c.on_suback = lambda pid, rc: got.append((pid, rc))
+    pid = c.subscribe_nowait("cmd/#", 1)
+    assert peer.next() == b"\x82\x0a\x00\x01\x00\x05cmd/#\x01"
+    c.poll(1000)
+    assert got == [(pid, 1)]
     c.close()
 
 

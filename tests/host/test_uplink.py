@@ -82,8 +82,8 @@ def test_record_round_trip_and_keys() -> None:
     raw = encode_record(r)
     assert decode_record(raw) == r
     m = cbor2.loads(raw)
-    assert m[0] == 1 and m[1] == 7 and m[2] == "node6" and m[3] == 1 and m[4] == 4
-    assert m[5] == r.trace_id and m[12] is True and m[50] == "site0/line0/press6" and m[51] == "gw1"
+    assert m[0] == 1 and m[1] == 12 and m[2] == "node6" and m[3] == 1 and m[4] == 4
+    assert m[5] == r.trace_id and m[12] is True and m[70] == "site0/line0/press6" and m[71] == "gw1"
     assert len(raw) < 160
 
 
@@ -95,7 +95,7 @@ def test_record_round_trip_and_keys() -> None:
         (lambda m: m.update({0: 2}), "not an uplink record v1"),
         (lambda m: m.update({11: {"vib": "high"}}), "key 11 .scores."),
         (lambda m: m.update({3: True}), "key 3 .boot."),
-        (lambda m: m.update({52: "soon"}), "key 52 .t_gateway."),
+        (lambda m: m.update({72: "soon"}), "key 72 .t_gateway."),
     ],
 )
 def test_bad_records_name_the_key(mutate: Any, match: str) -> None:

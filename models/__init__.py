@@ -1,0 +1,1 @@
+"""The committed int8 detectors: `.tflite` files, `manifest.json` and a model card each."""
