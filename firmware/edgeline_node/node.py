@@ -1,17 +1,30 @@
 # Device code. The node application: sample -> window features -> control charts -> CBOR
-# message -> queue -> MQTT QoS1. One cooperative loop, no threads, so it runs the same on a
-# microcontroller and on the unix port. Log lines go to stdout as JSON (the HIL rig and the
-# demo read them); commands come in on stdin, one per line (`fault bearing`, `stop`).
+# message -> flash queue -> MQTT QoS1. One cooperative loop, no threads, so it runs the same
+# on a microcontroller and on the unix port. Log lines go to stdout as JSON (the HIL rig, the
+# demo and the tests read them); commands come in on stdin, one per line (`fault bearing`,
+# `status`, `stop`).
+#
+# Store and forward (docs/store-and-forward.md): every message is encoded once, appended to
+# the flash queue (log line `logged` once it is on flash) and replayed from there, byte for
+# byte, so a replay after a reset keeps its original boot and seq. Delivery means delivered
+# to the gateway: the node follows the gateway's retained state topic and sends nothing
+# while the gateway is offline (or not yet known to be online), broker up or not; it keeps
+# measuring and appending meanwhile. A record leaves the queue once the broker has
+# acknowledged it (PUBACK) while the gateway was online.
+#
+# Log lines: boot, recovered (what the queue found at boot), connected, disconnected,
+# gateway (online true/false), logged (boot, seq, prio, rseq), dropped (a record not
+# stored), drops (counters changed), window, telemetry, status, stopped.
 import gc
 import json
 import sys
 
 from . import VERSION, cbor, features, identity, wire
-from .compat import IS_MICROPYTHON, sleep_ms, ticks_add, ticks_diff, ticks_ms, ticks_us, wall_us
+from .compat import IS_MICROPYTHON, const, sleep_ms, ticks_add, ticks_diff, ticks_ms, ticks_us, wall_us
 from .config import load
+from .flash_queue import PRIO_ANOMALY, PRIO_EVT, PRIO_TEL, PRIORITIES, FlashQueue
 from .hal_sim import SimulatedMachine
 from .mqtt import MQTTClient
-from .ram_queue import RamQueue
 from .spc import ControlChart
 
 try:
@@ -26,6 +39,7 @@ except ImportError:  # pragma: no cover
 
 _MAX_BACKOFF_MS = 30000
 _DRAIN_PER_WINDOW = 64  # publishes per loop turn, so a backlog never starves sampling
+_MAX_RECORD = const(2048)  # largest encoded message the queue takes (an evt is ~270 bytes)
 
 
 def log(event, **fields):
@@ -40,6 +54,13 @@ def log(event, **fields):
 
 def _hex(b):
     return "".join("%02x" % x for x in b)
+
+
+def _queue_dir(cfg):
+    d = cfg["queue"]["dir"]
+    if d.startswith("/") or not cfg["data_dir"]:
+        return d
+    return cfg["data_dir"] + "/" + d
 
 
 class StdinCommands:
@@ -81,9 +102,15 @@ class Node:
         self.feats = [[0.0] * len(features.FEATURE_NAMES) for _ in self.sensors]
         spc = cfg["spc"]
         self.charts = [ControlChart(spc["calibration"], spc["k_sigma"], spc["run"]) for _ in self.sensors]
-        self.queue = RamQueue(cfg["queue"]["max_messages"])
+        q = cfg["queue"]
+        self.queue = FlashQueue(_queue_dir(cfg), q["capacity_bytes"], q["segment_bytes"], q["commit_every"],
+                                q["commit_ms"], _MAX_RECORD)
         self.topics = {k: wire.topic(self.site, self.node_id, k)
                        for k in (wire.KIND_EVT, wire.KIND_TEL, wire.KIND_BIRTH, wire.KIND_DEATH)}
+        self.gateway_topic = wire.topic(self.site, wire.GATEWAY_NODE, wire.KIND_STATE)
+        self.gateway_online = False  # unknown counts as offline: hold the queue
+        self._gw_payload = None  # the latest gateway state, handed over by on_message
+        self._drops_logged = list(self.queue.drops)
         self.client = None
         self._backoff_ms = 500
         self._next_connect = ticks_ms()
@@ -104,12 +131,39 @@ class Node:
         m[wire.K_SITE] = self.site
         m[wire.K_LINE] = self.cfg["line"]
         m[wire.K_MACHINE] = self.cfg["machine"]
-        m[wire.K_DROPS] = {0: self.queue.drops}
+        m[wire.K_DROPS] = self._drops()
         m[wire.K_WINDOW] = [self.cfg["hal"]["rate_hz"], self.cfg["window"]["samples"]]
         return cbor.dumps(m)
 
     def death(self):
         return cbor.dumps(self._head(wire.KIND_DEATH))
+
+    def _drops(self):
+        d = self.queue.drops
+        return {p: d[p] for p in range(PRIORITIES)}
+
+    def _store(self, prio, kind, m):
+        # Encode once, append to flash; from here on the bytes are what gets sent.
+        rseq = 0
+        why = None
+        try:
+            rseq = self.queue.append(prio, kind, cbor.dumps(m))
+        except ValueError as e:  # too big for the queue: a bug upstream, not a full queue
+            why = str(e)
+        if rseq:
+            log("logged", boot=self.boot, seq=self.seq, prio=prio, rseq=rseq)
+        else:
+            err = self.queue.last_error
+            if why is None:
+                why = "queue full of higher priorities" if err is None else "flash write failed: %s" % err
+            log("dropped", boot=self.boot, seq=self.seq, prio=prio, reason=why)
+            self.queue.last_error = None
+        d = self.queue.drops
+        if d != self._drops_logged:
+            self._drops_logged = list(d)
+            q = self.queue
+            log("drops", drops=self._drops(), evictions=q.evictions,
+                pending=[q.pending(p) for p in range(PRIORITIES)])
 
     def _sequenced(self, kind, t_wall, t_mono):
         self.seq += 1
@@ -143,7 +197,7 @@ class Node:
         m[wire.K_ANOMALY] = bool(causes)
         m[wire.K_CAUSES] = causes
         m[wire.K_DETECTOR] = "spc"
-        self.queue.append(wire.KIND_EVT, cbor.dumps(m))
+        self._store(PRIO_ANOMALY if causes else PRIO_EVT, wire.KIND_EVT, m)
         log("window", seq=self.seq, trace=_hex(m[wire.K_TRACE]), anomaly=bool(causes),
             causes=causes, t_wall=t_wall, queue=self.queue.depth)
         every = self.cfg["telemetry_every"]
@@ -155,8 +209,8 @@ class Node:
         m[wire.K_UPTIME_S] = ticks_diff(ticks_ms(), self._t0_ms) // 1000
         m[wire.K_HEAP_FREE] = gc.mem_free() if IS_MICROPYTHON else 0
         m[wire.K_QUEUE_DEPTH] = self.queue.depth
-        m[wire.K_DROPS] = {0: self.queue.drops}
-        self.queue.append(wire.KIND_TEL, cbor.dumps(m))
+        m[wire.K_DROPS] = self._drops()
+        self._store(PRIO_TEL, wire.KIND_TEL, m)
         log("telemetry", seq=self.seq, trace=_hex(m[wire.K_TRACE]))
 
     # -- MQTT -----------------------------------------------------------------------------
@@ -165,11 +219,41 @@ class Node:
         c = MQTTClient(self.node_id, b["host"], b["port"], user=b["user"], password=b["password"],
                        keepalive=b["keepalive"])
         c.set_last_will(self.topics[wire.KIND_DEATH], self.death(), qos=1, retain=True)
+        c.on_message = self._on_message
+        self.gateway_online = False
+        self._gw_payload = None
         c.connect(clean_session=True)
+        self.client = c  # from here on, a fault closes it through _drop_connection
+        # The gateway's retained state arrives right after the SUBACK.
+        c.subscribe(self.gateway_topic, qos=1)
         c.publish(self.topics[wire.KIND_BIRTH], self.birth(), qos=1, retain=True)
-        self.client = c
         self._backoff_ms = 500
         log("connected", broker="%s:%d" % (b["host"], b["port"]), boot=self.boot)
+
+    def _on_message(self, topic, payload, retained):
+        # Called from inside the MQTT client: only note it; _gateway_state() acts on it.
+        if topic == self.gateway_topic:
+            self._gw_payload = payload
+
+    def _gateway_state(self):
+        p = self._gw_payload
+        if p is None:
+            return
+        self._gw_payload = None
+        online = False
+        try:
+            m = cbor.loads(p)
+            online = isinstance(m, dict) and m.get(wire.K_ONLINE) is True
+        except (ValueError, TypeError, IndexError) as e:
+            log("error", msg="gateway state on %s is not valid CBOR (%s): holding the queue"
+                % (self.gateway_topic, e))
+        if online == self.gateway_online:
+            return
+        self.gateway_online = online
+        log("gateway", online=online, queue=self.queue.depth)
+        if online:
+            # A (re)started gateway gets a fresh birth, with the drop counters as they are now.
+            self.client.publish(self.topics[wire.KIND_BIRTH], self.birth(), qos=1, retain=True)
 
     def _drop_connection(self, why):
         log("disconnected", reason=str(why))
@@ -194,20 +278,24 @@ class Node:
                 self._drop_connection(e)
                 return
         try:
+            self._gateway_state()
             sent = 0
-            while sent < _DRAIN_PER_WINDOW:
+            while self.gateway_online and sent < _DRAIN_PER_WINDOW:
                 item = self.queue.peek()
                 if item is None:
                     break
                 kind, payload = item
+                # The stored bytes as they are: a replay keeps its original boot and seq.
                 self.client.publish(self.topics[kind], payload, qos=1)
                 self.queue.pop()  # only once the broker has acknowledged it
                 self.sent += 1
                 sent += 1
             self.client.ping_if_due()
             self.client.poll(budget_ms)
+            self._gateway_state()
         except OSError as e:
             self._drop_connection(e)
+        self.queue.tick()
 
     # -- commands -------------------------------------------------------------------------
     def command(self, line):
@@ -223,7 +311,10 @@ class Node:
         elif parts[0] == "stop":
             self.running = False
         elif parts[0] == "status":
-            log("status", seq=self.seq, sent=self.sent, queue=self.queue.depth, drops=self.queue.drops)
+            q = self.queue
+            log("status", seq=self.seq, sent=self.sent, queue=q.depth, drops=self._drops(),
+                gateway=self.gateway_online, connected=self.client is not None, delivered=q.delivered,
+                committed=q.committed, used=q.used_bytes, segments=q.segments())
         else:
             log("error", msg="unknown command %r: use 'fault <none|bearing|imbalance>', 'status' or 'stop'" % line)
 
@@ -232,6 +323,10 @@ class Node:
         period = self.cfg["window"]["period_ms"]
         stdin = StdinCommands()
         log("boot", node=self.node_id, boot=self.boot, fw=VERSION, machine=self.cfg["machine"])
+        q = self.queue
+        log("recovered", records=q.recovered_records, pending=q.depth, truncated=q.torn_bytes,
+            torn_tails=q.torn_tails, corrupt=q.corrupt_bytes, bad_slots=q.bad_slots, delivered=q.committed,
+            drops=self._drops(), segments=q.segments(), used=q.used_bytes)
         next_window = ticks_ms()
         while self.running:
             cmd = stdin.read()
@@ -251,8 +346,10 @@ class Node:
 
     def shutdown(self):
         # Deliver what is queued before saying goodbye, within a bounded time.
+        # Whatever is left stays on flash for the next boot.
         deadline = ticks_add(ticks_ms(), 5000)
-        while self.queue.depth and self.client is not None and ticks_diff(deadline, ticks_ms()) > 0:
+        while (self.queue.depth and self.client is not None and self.gateway_online
+               and ticks_diff(deadline, ticks_ms()) > 0):
             self.service_network(10)
         if self.client is not None:
             try:
@@ -261,7 +358,11 @@ class Node:
                 self.client.disconnect()
             except OSError:
                 pass
-        log("stopped", seq=self.seq, sent=self.sent, queue=self.queue.depth, drops=self.queue.drops)
+        q = self.queue
+        q.close()
+        log("stopped", seq=self.seq, sent=self.sent, queue=q.depth, drops=self._drops(),
+            bytes_written=q.bytes_written, payload_bytes=q.payload_bytes,
+            write_amplification=q.write_amplification())
 
 
 def main(config_path="config.json"):
