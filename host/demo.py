@@ -40,6 +40,19 @@ log = logging.getLogger("edgeline.demo")
 SITE = "plant-a"
 LINE = "line-1"
 CALIBRATION_WINDOWS = 20
+DEMO_MODEL_NAME = "demo-rotating-machine"
+
+
+def _demo_model() -> tuple[Path, str]:
+    """The committed demo detector and its sha256, from models/manifest.json."""
+    import edgeline.models
+
+    models = Path(edgeline.models.__file__).resolve().parent
+    entry = json.loads((models / "manifest.json").read_text())["models"][DEMO_MODEL_NAME]
+    return models / entry["file"], entry["sha256"]
+
+
+DEMO_MODEL, DEMO_MODEL_SHA256 = _demo_model()
 
 
 @dataclass
@@ -95,7 +108,7 @@ def node_config(i: int, host: str, port: int, window_ms: int) -> dict[str, Any]:
         "spc": {"calibration": CALIBRATION_WINDOWS, "k_sigma": 3.0, "run": 2},
         "telemetry_every": 10,
         "data_dir": "data",
-        "queue": {"max_messages": 1024},
+        "model": {"path": str(DEMO_MODEL), "sha256": DEMO_MODEL_SHA256},
     }
 
 
@@ -286,9 +299,7 @@ class Demo:
             )
         return t
 
-    def summary(
-        self, broker_name: str, gateway: Gateway, watcher: AnomalyWatcher
-    ) -> dict[str, Any]:
+    def summary(self, broker_name: str, gateway: Gateway, watcher: AnomalyWatcher) -> dict[str, Any]:
         per_node = []
         sent_total = lost_total = dup_total = received_total = 0
         anomaly_traces_node: set[str] = set()
@@ -328,9 +339,7 @@ class Demo:
         by_machine_opcua: dict[str, int] = {}
         for e in seen:
             by_machine_opcua[e.source] = by_machine_opcua.get(e.source, 0) + 1
-        others_anomalous = {
-            k: v for k, v in self.received.anomalies.items() if k != fault_key and v
-        }
+        others_anomalous = {k: v for k, v in self.received.anomalies.items() if k != fault_key and v}
         checks = {
             "all_nodes_sent": all(p["sent"] > 0 for p in per_node),
             "nothing_lost": lost_total == 0,

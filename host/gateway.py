@@ -99,6 +99,9 @@ class Gateway:
         self._inbox: asyncio.Queue[Inbound | None] = asyncio.Queue()
         self._pending: dict[str, list[Inbound]] = {}
         self._to_ack: list[Inbound] = []
+        # A gateway serving every site ("+") announces itself on each site's state topic as
+        # the site's first node is born; nodes follow their own site's topic.
+        self._sites_served: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -156,22 +159,39 @@ class Gateway:
             ) from None
 
     async def stop(self) -> None:
-        if self._mqtt.is_connected():
-            info = self._mqtt.publish(self.state_topic, self._state_payload(False), qos=1, retain=True)
-            with contextlib.suppress(Exception):
-                await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 2.0)
-            self._mqtt.disconnect()
-        self._mqtt.loop_stop()
+        """Process and acknowledge what has arrived, say offline, then close everything.
+
+        Messages that arrive after the consumer stopped are neither processed nor
+        acknowledged: the broker keeps them in the gateway's session for the next start.
+        """
         if self._task is not None:
             await self._inbox.put(None)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._task, 5.0)
+                await asyncio.wait_for(self._task, 10.0)
             self._task = None
+        if self._mqtt.is_connected():
+            infos = [
+                self._mqtt.publish(t, self._state_payload(False), qos=1, retain=True)
+                for t in self._state_topics()
+            ]
+            for info in infos:
+                with contextlib.suppress(Exception):
+                    await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 2.0)
+            self._mqtt.disconnect()
+        self._mqtt.loop_stop()
         if self.uplinker is not None:
             await self.uplinker.stop()
             self.uplinker.outbox.close()
         await self.opcua.stop()
         self.store.close()
+
+    def _state_topics(self) -> list[str]:
+        # tuple(): one C-level copy under the GIL, safe against the loop adding a site meanwhile
+        sites = sorted(tuple(self._sites_served))
+        return [self.state_topic] + [self._site_state_topic(site) for site in sites]
+
+    def _site_state_topic(self, site: str) -> str:
+        return f"{w.TOPIC_ROOT}/{site}/{w.GATEWAY_NODE}/state"
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait until every message received so far has been processed."""
@@ -186,7 +206,8 @@ class Gateway:
             return
         site = self.cfg.site
         client.subscribe([(f"{w.TOPIC_ROOT}/{site}/+/{k}", 1) for k in ("evt", "tel", "birth", "death")])
-        client.publish(self.state_topic, self._state_payload(True), qos=1, retain=True)
+        for topic in self._state_topics():
+            client.publish(topic, self._state_payload(True), qos=1, retain=True)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._connected.set)
 
@@ -332,6 +353,9 @@ class Gateway:
         if raw is not None:
             self.store.save_birth(b.node, raw)
         m, _new = self.state.on_birth(b)
+        if self.cfg.site == "+" and b.site not in self._sites_served:
+            self._sites_served.add(b.site)
+            self._mqtt.publish(self._site_state_topic(b.site), self._state_payload(True), qos=1, retain=True)
         await self.opcua.ensure_machine(m)
         await self.opcua.set_online(m.key, True)
         log.info("birth of node %s boot %d on %s", b.node, b.boot, m.key)

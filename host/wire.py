@@ -17,6 +17,7 @@ MAX_PAYLOAD = 16 * 1024  # bytes; a window event is ~300, a birth ~400
 MAX_SENSORS = 64
 MAX_FEATURES = 64
 _U64 = 2**64 - 1
+DETECTOR_CAUSES = ("model",)  # causes that are a detector over all sensors, not one sensor
 
 
 class WireError(ValueError):
@@ -124,9 +125,7 @@ def decode(payload: bytes) -> dict[Any, Any]:
         raise WireError(f"payload is a CBOR {type(m).__name__}, not a map")
     v = m.get(w.K_V)
     if v != w.SCHEMA_VERSION:
-        raise WireError(
-            f"schema version {v!r} is not supported (this gateway speaks {w.SCHEMA_VERSION})"
-        )
+        raise WireError(f"schema version {v!r} is not supported (this gateway speaks {w.SCHEMA_VERSION})")
     return m
 
 
@@ -168,9 +167,7 @@ def parse_event(m: dict[Any, Any], topic: Topic) -> Event:
             raise WireError(f"more than {MAX_SENSORS} sensors in one event")
         for s, vals in feats.items():
             if not w.valid_name(s) or not isinstance(vals, list) or len(vals) > MAX_FEATURES:
-                raise WireError(
-                    f"features of sensor {s!r} must be a list of at most {MAX_FEATURES}"
-                )
+                raise WireError(f"features of sensor {s!r} must be a list of at most {MAX_FEATURES}")
             ev.features[s] = [_finite(x, f"feature of {s}") for x in vals]
         for s, sc in scores.items():
             if not w.valid_name(s):
@@ -178,14 +175,12 @@ def parse_event(m: dict[Any, Any], topic: Topic) -> Event:
             ev.scores[s] = _finite(sc, f"score of {s}")
         ev.anomaly = bool(_get(m, w.K_ANOMALY, bool, "anomaly flag"))
         causes = _get(m, w.K_CAUSES, list, "causes")
-        if not all(isinstance(c, str) and c in ev.features for c in causes):
-            raise WireError("causes must name sensors present in the features")
+        if not all(isinstance(c, str) and (c in ev.features or c in DETECTOR_CAUSES) for c in causes):
+            raise WireError("causes must name sensors present in the features, or 'model'")
         ev.causes = list(causes)
         ev.detector = str(_get(m, w.K_DETECTOR, str, "detector"))[:32]
     else:
-        ev.extra = {
-            k: m[k] for k in (w.K_UPTIME_S, w.K_HEAP_FREE, w.K_QUEUE_DEPTH, w.K_DROPS) if k in m
-        }
+        ev.extra = {k: m[k] for k in (w.K_UPTIME_S, w.K_HEAP_FREE, w.K_QUEUE_DEPTH, w.K_DROPS) if k in m}
     return ev
 
 

@@ -18,6 +18,9 @@ DEFAULTS = {
     "spc": {"calibration": 20, "k_sigma": 3.0, "run": 2},
     "telemetry_every": 10,
     "data_dir": "data",
+    # The int8 detector (a .tflite from models/): path null = control charts only. sha256,
+    # when given, must match the file: the node refuses a model nobody commissioned.
+    "model": {"path": None, "sha256": None},
     # The flash queue (docs/store-and-forward.md). dir: relative to data_dir unless it starts
     # with "/". max_messages is from the RAM queue it replaced: still accepted, not used.
     "queue": {"dir": "queue", "capacity_bytes": 262144, "segment_bytes": 16384, "commit_every": 32,
@@ -104,6 +107,12 @@ def validate(given):
     _int_in(cfg, "queue.commit_every", 1, 100000)
     _int_in(cfg, "queue.commit_ms", 0, 3600000)
     _need(isinstance(cfg["data_dir"], str), "data_dir", "must be a path")
+    mp = cfg["model"]["path"]
+    _need(mp is None or (isinstance(mp, str) and mp), "model.path", "must be a .tflite file path or null")
+    sha = cfg["model"]["sha256"]
+    _need(sha is None or (isinstance(sha, str) and len(sha) == 64
+                          and all(c in "0123456789abcdef" for c in sha)),
+          "model.sha256", "must be 64 lowercase hex characters or null, got %r" % (sha,))
     return cfg
 
 

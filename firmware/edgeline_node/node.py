@@ -21,9 +21,9 @@ import sys
 
 from . import VERSION, cbor, features, identity, wire
 from .compat import IS_MICROPYTHON, const, sleep_ms, ticks_add, ticks_diff, ticks_ms, ticks_us, wall_us
-from .config import load
+from .config import ConfigError, load
 from .flash_queue import PRIO_ANOMALY, PRIO_EVT, PRIO_TEL, PRIORITIES, FlashQueue
-from .hal_sim import SimulatedMachine
+from .hal import make_hal
 from .mqtt import MQTTClient
 from .spc import ControlChart
 
@@ -94,9 +94,9 @@ class Node:
         self.boot = identity.next_boot_id(cfg["data_dir"])
         self.seq = 0
         self.sent = 0
-        hal = cfg["hal"]
-        self.hal = SimulatedMachine(seed=hal["seed"], rate_hz=hal["rate_hz"])
+        self.hal = make_hal(cfg["hal"])
         self.sensors = self.hal.sensors()
+        self.detector = self._load_model(cfg["model"])
         n = cfg["window"]["samples"]
         self.bufs = [array("f", [0.0] * n) for _ in self.sensors]
         self.feats = [[0.0] * len(features.FEATURE_NAMES) for _ in self.sensors]
@@ -118,6 +118,33 @@ class Node:
         self._t0_ms = ticks_ms()
         self.running = True
 
+    def _load_model(self, mcfg):
+        """The int8 detector over the window's feature vector, or None (control charts only).
+
+        A model whose sha256 differs from the config's, that fails its self-test, or that
+        needs a feature this node does not compute is refused: the node must not run a
+        detector nobody commissioned.
+        """
+        if not mcfg["path"]:
+            return None
+        from .detector import Detector  # only nodes with a model pay for the interpreter
+        from .tflite_model import ModelError
+
+        path = mcfg["path"]
+        try:
+            det = Detector.from_file(path)
+            digest = _hex(det.sha256())
+            if mcfg["sha256"] and digest != mcfg["sha256"]:
+                raise ConfigError("config key 'model.sha256': %s has sha256 %s, the config expects %s"
+                                  % (path, digest, mcfg["sha256"]))
+            det.self_test()
+            det.bind([name for name, _unit in self.sensors], features.FEATURE_NAMES)
+        except OSError as e:
+            raise ConfigError("config key 'model.path': cannot read %s: %s" % (path, e))
+        except ModelError as e:
+            raise ConfigError("config key 'model.path': %s was refused: %s" % (path, e))
+        return det
+
     # -- messages -------------------------------------------------------------------------
     def _head(self, kind):
         return {wire.K_V: wire.SCHEMA_VERSION, wire.K_KIND: kind, wire.K_NODE: self.node_id,
@@ -126,7 +153,7 @@ class Node:
     def birth(self):
         m = self._head(wire.KIND_BIRTH)
         m[wire.K_FW] = VERSION
-        m[wire.K_MODEL_SHA] = None
+        m[wire.K_MODEL_SHA] = self.detector.sha256() if self.detector is not None else None
         m[wire.K_SENSORS] = [[name, unit, list(features.FEATURE_NAMES)] for name, unit in self.sensors]
         m[wire.K_SITE] = self.site
         m[wire.K_LINE] = self.cfg["line"]
@@ -191,12 +218,20 @@ class Node:
             scores[name] = score
             if out:
                 causes.append(name)
+        detector = "spc"
+        if self.detector is not None:
+            # The model sees all sensors at once: it catches what no single chart does.
+            score, out = self.detector.score_sensors(self.feats)
+            scores["model"] = score
+            detector = "spc+model"
+            if out:
+                causes.append("model")
         m = self._sequenced(wire.KIND_EVT, t_wall, t_mono)
         m[wire.K_FEATURES] = feats
         m[wire.K_SCORES] = scores
         m[wire.K_ANOMALY] = bool(causes)
         m[wire.K_CAUSES] = causes
-        m[wire.K_DETECTOR] = "spc"
+        m[wire.K_DETECTOR] = detector
         self._store(PRIO_ANOMALY if causes else PRIO_EVT, wire.KIND_EVT, m)
         log("window", seq=self.seq, trace=_hex(m[wire.K_TRACE]), anomaly=bool(causes),
             causes=causes, t_wall=t_wall, queue=self.queue.depth)
@@ -321,7 +356,8 @@ class Node:
     # -- main loop ------------------------------------------------------------------------
     def run(self, max_windows=0):
         period = self.cfg["window"]["period_ms"]
-        stdin = StdinCommands()
+        # The stdin HAL carries the rig's commands in its own stream, in order with the samples.
+        stdin = self.hal if self.cfg["hal"]["kind"] == "stdin" else StdinCommands()
         log("boot", node=self.node_id, boot=self.boot, fw=VERSION, machine=self.cfg["machine"])
         q = self.queue
         log("recovered", records=q.recovered_records, pending=q.depth, truncated=q.torn_bytes,
@@ -333,9 +369,12 @@ class Node:
             while cmd is not None:
                 self.command(cmd)
                 cmd = stdin.read()
-            if ticks_diff(ticks_ms(), next_window) >= 0:
+            if self.running and ticks_diff(ticks_ms(), next_window) >= 0:
                 next_window = ticks_add(next_window, period)
-                self.window()
+                try:
+                    self.window()
+                except OSError as e:  # a sensor or stimulus timeout: skip the window, say so
+                    log("error", msg="window skipped: %s" % e)
                 if max_windows and self.windows >= max_windows:
                     self.running = False
             left = ticks_diff(next_window, ticks_ms())
