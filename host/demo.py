@@ -164,6 +164,7 @@ class Demo:
                     broker_port=port,
                     site=SITE,
                     opcua_port=opts.opcua_port or free_tcp_port(),
+                    model_path=str(DEMO_MODEL),  # the gateway scores each machine again
                 )
             )
             gateway.event_listeners.append(self.received.on_event)

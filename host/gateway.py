@@ -21,9 +21,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host import wire
+from edgeline.host.gateway_scoring import GatewayScorer
 from edgeline.host.gateway_store import GatewayStore
 from edgeline.host.machine_state import MachineState, StateStore
+from edgeline.host.metrics import GatewayMetrics, MetricsServer
 from edgeline.host.opcua_server import OpcuaServer
+from edgeline.host.tracing import EventTracer
 from edgeline.host.uplink import UplinkConfig
 from edgeline.host.uplinker import open_uplinker, uplink_listener
 from paho.mqtt.enums import CallbackAPIVersion
@@ -51,6 +54,9 @@ class GatewayConfig:
     state_dir: str | None = None  # dedupe marks and counters; None = in memory (demo, tests)
     max_batch: int = 512  # messages processed (and committed) together under load
     uplink: UplinkConfig = field(default_factory=UplinkConfig)  # kind "none" = no uplink
+    model_path: str | None = None  # gateway model (.tflite) scoring each machine's features again
+    metrics_port: int | None = None  # Prometheus text on 127.0.0.1:<port>; 0 = a free port
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -99,6 +105,13 @@ class Gateway:
         self._inbox: asyncio.Queue[Inbound | None] = asyncio.Queue()
         self._pending: dict[str, list[Inbound]] = {}
         self._to_ack: list[Inbound] = []
+        self._accepted: list[tuple[wire.Event, int]] = []  # deduped events of the current batch
+        self._in_batch = False
+        self.metrics = GatewayMetrics()
+        self.metrics.track_nodes_online(lambda: sum(n.online for n in self.state.nodes.values()))
+        self._metrics_server: MetricsServer | None = None
+        self.tracer = EventTracer()
+        self.scorer = GatewayScorer(cfg.model_path) if cfg.model_path else None
         # A gateway serving every site ("+") announces itself on each site's state topic as
         # the site's first node is born; nodes follow their own site's topic.
         self._sites_served: set[str] = set()
@@ -143,6 +156,9 @@ class Gateway:
     async def start(self, connect_timeout: float = 10.0) -> None:
         self._loop = asyncio.get_running_loop()
         await self.opcua.start()
+        if self.cfg.metrics_port is not None:
+            self._metrics_server = self.metrics.start_http(self.cfg.metrics_host, self.cfg.metrics_port)
+            log.info("metrics at %s", self._metrics_server.url)
         await self._restore_births()
         if self.uplinker is not None:
             await self.uplinker.start()
@@ -183,6 +199,9 @@ class Gateway:
             await self.uplinker.stop()
             self.uplinker.outbox.close()
         await self.opcua.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         self.store.close()
 
     def _state_topics(self) -> list[str]:
@@ -245,6 +264,7 @@ class Gateway:
     async def process(self, batch: list[Inbound]) -> None:
         """Handle a batch, commit its effects in one transaction, then acknowledge it."""
         self.store.begin()
+        self._in_batch = True
         try:
             for item in batch:
                 try:
@@ -252,6 +272,7 @@ class Gateway:
                 except Exception:  # a bug must not stop ingest; it is logged loudly
                     log.exception("gateway failed on a message from %s", item.topic)
                     self._to_ack.append(item)
+            await self._finish_events()
             if self._pending:
                 self._expire_pending()
             self.store.write_batch(self.dedupe, self._counts)
@@ -264,15 +285,19 @@ class Gateway:
             self.store.rollback()
             raise
         finally:
+            self._in_batch = False
+            self._accepted.clear()
             self._counts.clear()
         for item in self._to_ack:
             if item.qos > 0:
                 self._mqtt.ack(item.mid, item.qos)
         self._to_ack.clear()
+        if self.uplinker is not None:
+            self.metrics.set_outbox_depth(self.uplinker.outbox.depth)
 
     def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         self.stats.malformed += 1
-        self.stats.dead_reasons[reason.split(":")[0][:60]] += 1
+        self.stats.dead_reasons[self.metrics.on_dead_letter(reason)] += 1
         log.warning("dead letter from topic %s: %s", topic, reason)
         body = {
             w.K_V: w.SCHEMA_VERSION,
@@ -288,6 +313,7 @@ class Gateway:
         if item is None:
             item = Inbound(topic, payload, t_recv_us)
         self.stats.received += 1
+        self.metrics.on_message(topic.rsplit("/", 1)[-1])
         if topic.split("/")[3:4] == [w.GATEWAY_NODE]:
             self._to_ack.append(item)  # our own state/dead-letter messages
             return
@@ -307,6 +333,9 @@ class Gateway:
         except wire.WireError as e:
             self._dead_letter(topic, payload, str(e))
         self._to_ack.append(item)
+        if not self._in_batch:  # called on its own (tests, tools): finish this one event now
+            await self._finish_events()
+            self._accepted.clear()
 
     def _park(self, node: str, item: Inbound) -> None:
         if self.stats.pending >= MAX_PENDING:
@@ -374,7 +403,28 @@ class Gateway:
     async def _on_event(self, ev: wire.Event, t_recv_us: int) -> None:
         if not self.dedupe.accept(ev.node, ev.boot, ev.seq):
             self.stats.duplicates += 1
+            self.metrics.on_duplicate()
             return
+        self._accepted.append((ev, t_recv_us))
+
+    async def _finish_events(self) -> None:
+        """Score the batch's accepted events together, then apply them in arrival order."""
+        if not self._accepted:
+            return
+        gw_scores: list[float | None] = [None] * len(self._accepted)
+        if self.scorer is not None:
+            pairs = []
+            for ev, _t in self._accepted:
+                m = self.state.machine_of(ev.node)
+                names = {s: f for s, (_u, f) in m.sensors.items()} if m is not None else {}
+                pairs.append((ev, names))
+            gw_scores = self.scorer.score(pairs)
+            self.metrics.observe_inference(self.scorer.last_batch_seconds, len(pairs))
+        for (ev, t_recv_us), gw in zip(self._accepted, gw_scores, strict=True):
+            with self.tracer.event_span(ev, None):
+                await self._apply_event(ev, t_recv_us, gw)
+
+    async def _apply_event(self, ev: wire.Event, t_recv_us: int, gw_score: float | None) -> None:
         self.stats.accepted += 1
         kind = "evt" if ev.kind == w.KIND_EVT else "tel"
         self.stats.by_kind[kind] += 1
@@ -383,10 +433,36 @@ class Gateway:
             return
         self._counts[(m.key, kind)] += 1
         if ev.kind == w.KIND_EVT:
-            await self.opcua.update(m, ev)
+            if gw_score is not None:
+                ev.scores["gateway"] = gw_score
+            with self.metrics.time_opcua_publish():
+                await self.opcua.update(m, ev, alarm_score(ev))
+                if ev.anomaly:
+                    self._counts[(m.key, "anomaly")] += 1
+                    await self.opcua.emit_anomaly(m, ev)
             if ev.anomaly:
-                self._counts[(m.key, "anomaly")] += 1
-                await self.opcua.emit_anomaly(m, ev)
-                log.info("anomaly on %s trace=%s node=%s seq=%d", m.key, ev.trace_hex, ev.node, ev.seq)
+                log.info(
+                    "anomaly on %s trace=%s node=%s seq=%d",
+                    m.key,
+                    ev.trace_hex,
+                    ev.node,
+                    ev.seq,
+                    extra={"trace_id": ev.trace_hex, "node": ev.node, "seq": ev.seq},
+                )
         for listener in self.event_listeners:
             listener(ev, m, t_recv_us)
+
+
+# Model scores arrive as ratios to their threshold (1.0 = at it); control charts as |z| with
+# a 3-sigma limit. The alarm compares both in sigma units: a model at its threshold counts
+# as 3 sigma.
+CHART_LIMIT_SIGMA = 3.0
+MODEL_SCORE_KEYS = ("model", "gateway")
+
+
+def alarm_score(ev: wire.Event) -> float:
+    """The alarm's input for one event: the worst of its charts and models, in sigma units."""
+    worst = 0.0
+    for k, v in ev.scores.items():
+        worst = max(worst, CHART_LIMIT_SIGMA * v if k in MODEL_SCORE_KEYS else v)
+    return worst

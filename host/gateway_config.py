@@ -6,6 +6,7 @@ Errors name the key and say what it must be. Example:
     id = "line-1-gw"
     site = "plant-a"          # or "+" for every site on the broker
     state_dir = "/var/lib/edgeline"
+    model = "models/demo-rotating-machine.tflite"   # optional gateway model
 
     [mqtt]
     host = "127.0.0.1"
@@ -14,6 +15,9 @@ Errors name the key and say what it must be. Example:
     [opcua]
     host = "0.0.0.0"
     port = 4840
+
+    [metrics]                 # optional: Prometheus text at http://host:port/metrics
+    port = 9108
 
     [uplink]                  # optional; kind = "none" | "mqtt" | "kafka"
     kind = "mqtt"
@@ -44,7 +48,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "site": (_STR, "site"),
         "state_dir": (_STR, "state_dir"),
         "max_batch": (_INT, "max_batch"),
+        "model": (_STR, "model_path"),
     },
+    "metrics": {"host": (_STR, "metrics_host"), "port": (_INT, "metrics_port")},
     "mqtt": {
         "host": (_STR, "broker_host"),
         "port": (_INT, "broker_port"),
@@ -112,7 +118,7 @@ def _check_values(cfg: GatewayConfig) -> None:
 def parse(raw: dict[str, Any]) -> GatewayConfig:
     _check_types(raw)
     cfg = GatewayConfig()
-    for section in ("gateway", "mqtt", "opcua"):
+    for section in ("gateway", "mqtt", "opcua", "metrics"):
         for key, v in raw.get(section, {}).items():
             setattr(cfg, _SCHEMA[section][key][1], v)
     up = UplinkConfig()

@@ -222,7 +222,8 @@ class Node:
         if self.detector is not None:
             # The model sees all sensors at once: it catches what no single chart does.
             score, out = self.detector.score_sensors(self.feats)
-            scores["model"] = score
+            # As a ratio to the model's threshold (1.0 = at it): comparable across models.
+            scores["model"] = score / self.detector.threshold
             detector = "spc+model"
             if out:
                 causes.append("model")
