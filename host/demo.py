@@ -165,6 +165,7 @@ class Demo:
                     site=SITE,
                     opcua_port=opts.opcua_port or free_tcp_port(),
                     model_path=str(DEMO_MODEL),  # the gateway scores each machine again
+                    opcua_security=None,  # the demo's explicit opt-out: it says so when it starts
                 )
             )
             gateway.event_listeners.append(self.received.on_event)

@@ -9,6 +9,7 @@ published to the dead-letter topic, and the next message is processed as usual.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -25,6 +26,8 @@ from edgeline.host.gateway_scoring import GatewayScorer
 from edgeline.host.gateway_store import GatewayStore
 from edgeline.host.machine_state import MachineState, StateStore
 from edgeline.host.metrics import GatewayMetrics, MetricsServer
+from edgeline.host.opcua_alarms import AlarmConfig
+from edgeline.host.opcua_security import SecurityConfig
 from edgeline.host.opcua_server import OpcuaServer
 from edgeline.host.tracing import EventTracer
 from edgeline.host.uplink import UplinkConfig
@@ -57,6 +60,10 @@ class GatewayConfig:
     model_path: str | None = None  # gateway model (.tflite) scoring each machine's features again
     metrics_port: int | None = None  # Prometheus text on 127.0.0.1:<port>; 0 = a free port
     metrics_host: str = "127.0.0.1"
+    tracing: bool = False  # OpenTelemetry spans per event (needs opentelemetry-sdk and a provider)
+    # None = OPC-UA without security (demo, tests): an explicit opt-out, logged loudly.
+    opcua_security: SecurityConfig | None = None
+    opcua_alarms: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 @dataclass
@@ -96,13 +103,18 @@ class Gateway:
             self.store = GatewayStore()
         self.dedupe = self.store.load_deduper()
         self._counts: Counter[tuple[str, str]] = Counter()
-        self.opcua = OpcuaServer(cfg.opcua_host, cfg.opcua_port)
+        self.opcua = OpcuaServer(
+            cfg.opcua_host, cfg.opcua_port, security=cfg.opcua_security, alarms=cfg.opcua_alarms
+        )
         self.stats = GatewayStats()
         self.event_listeners: list[EventListener] = []
         self.uplinker = open_uplinker(cfg.uplink, cfg.state_dir)
         if self.uplinker is not None:
             self.event_listeners.append(uplink_listener(self.uplinker.outbox, cfg.gateway_id))
-        self._inbox: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        # paho's thread appends, the loop pops: a deque needs no lock for that (GIL-atomic).
+        self._rx: collections.deque[Inbound | None] = collections.deque()
+        self._rx_ready = asyncio.Event()
+        self._rx_wake_pending = False
         self._pending: dict[str, list[Inbound]] = {}
         self._to_ack: list[Inbound] = []
         self._accepted: list[tuple[wire.Event, int]] = []  # deduped events of the current batch
@@ -110,7 +122,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics.track_nodes_online(lambda: sum(n.online for n in self.state.nodes.values()))
         self._metrics_server: MetricsServer | None = None
-        self.tracer = EventTracer()
+        self.tracer = EventTracer(enabled=cfg.tracing)
         self.scorer = GatewayScorer(cfg.model_path) if cfg.model_path else None
         # A gateway serving every site ("+") announces itself on each site's state topic as
         # the site's first node is born; nodes follow their own site's topic.
@@ -153,7 +165,9 @@ class Gateway:
         )
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def start(self, connect_timeout: float = 10.0) -> None:
+    async def start(self, connect_timeout: float = 10.0, connect: bool = True) -> None:
+        """Start OPC-UA, restore known nodes, then connect to the broker (unless `connect` is
+        False: benchmarks and tools feed `process()` directly)."""
         self._loop = asyncio.get_running_loop()
         await self.opcua.start()
         if self.cfg.metrics_port is not None:
@@ -162,6 +176,8 @@ class Gateway:
         await self._restore_births()
         if self.uplinker is not None:
             await self.uplinker.start()
+        if not connect:
+            return
         self._task = asyncio.create_task(self._consume(), name="edgeline-gateway-consume")
         self._mqtt.connect_async(self.cfg.broker_host, self.cfg.broker_port, keepalive=30)
         self._mqtt.loop_start()
@@ -181,7 +197,8 @@ class Gateway:
         acknowledged: the broker keeps them in the gateway's session for the next start.
         """
         if self._task is not None:
-            await self._inbox.put(None)
+            self._rx.append(None)
+            self._rx_ready.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._task, 10.0)
             self._task = None
@@ -215,7 +232,7 @@ class Gateway:
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait until every message received so far has been processed."""
         deadline = time.monotonic() + timeout
-        while not self._inbox.empty() and time.monotonic() < deadline:
+        while self._rx and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     # -- paho thread ----------------------------------------------------------------------
@@ -235,22 +252,30 @@ class Gateway:
             log.warning("gateway lost the MQTT broker (%s); paho reconnects", rc)
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        item = Inbound(msg.topic, bytes(msg.payload), time.time_ns() // 1000, msg.mid, msg.qos)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._inbox.put_nowait, item)
+        self._rx.append(Inbound(msg.topic, bytes(msg.payload), time.time_ns() // 1000, msg.mid, msg.qos))
+        # Wake the loop once per burst, not once per message: the consumer clears the flag
+        # before it drains, so a message appended after that always wakes it again.
+        if not self._rx_wake_pending:
+            self._rx_wake_pending = True
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._rx_ready.set)
 
     # -- processing -----------------------------------------------------------------------
     async def _consume(self) -> None:
+        rx = self._rx
         while True:
-            try:
-                first = await asyncio.wait_for(self._inbox.get(), 1.0 if self._pending else None)
-            except TimeoutError:
-                await self.process([])  # nothing came in: still let parked events expire
-                continue
-            batch = [first]
+            if not rx:
+                try:
+                    await asyncio.wait_for(self._rx_ready.wait(), 1.0 if self._pending else None)
+                except TimeoutError:
+                    await self.process([])  # nothing came in: still let parked events expire
+                    continue
+            self._rx_ready.clear()
+            self._rx_wake_pending = False
             # Under load, take what has piled up and commit it as one transaction.
-            while len(batch) < self.cfg.max_batch and not self._inbox.empty():
-                batch.append(self._inbox.get_nowait())
+            batch: list[Inbound | None] = []
+            while rx and len(batch) < self.cfg.max_batch:
+                batch.append(rx.popleft())
             stop = None in batch
             try:
                 await self.process([b for b in batch if b is not None])
@@ -382,11 +407,13 @@ class Gateway:
         if raw is not None:
             self.store.save_birth(b.node, raw)
         m, _new = self.state.on_birth(b)
+        if self.scorer is not None:
+            self.scorer.forget(m.key)
         if self.cfg.site == "+" and b.site not in self._sites_served:
             self._sites_served.add(b.site)
             self._mqtt.publish(self._site_state_topic(b.site), self._state_payload(True), qos=1, retain=True)
         await self.opcua.ensure_machine(m)
-        await self.opcua.set_online(m.key, True)
+        await self.opcua.set_online(m.key, True, node=b.node, sensors=[s for s, _u, _f in b.sensors])
         log.info("birth of node %s boot %d on %s", b.node, b.boot, m.key)
         for item in self._pending.pop(b.node, []):
             self.stats.received -= 1  # counted when it first arrived
@@ -398,7 +425,7 @@ class Gateway:
         info = self.state.on_death(d.node)
         if info is not None:
             log.info("node %s went offline", d.node)
-            await self.opcua.set_online(info.machine, False)
+            await self.opcua.set_online(info.machine, False, node=d.node)
 
     async def _on_event(self, ev: wire.Event, t_recv_us: int) -> None:
         if not self.dedupe.accept(ev.node, ev.boot, ev.seq):
@@ -413,15 +440,14 @@ class Gateway:
             return
         gw_scores: list[float | None] = [None] * len(self._accepted)
         if self.scorer is not None:
-            pairs = []
-            for ev, _t in self._accepted:
-                m = self.state.machine_of(ev.node)
-                names = {s: f for s, (_u, f) in m.sensors.items()} if m is not None else {}
-                pairs.append((ev, names))
-            gw_scores = self.scorer.score(pairs)
-            self.metrics.observe_inference(self.scorer.last_batch_seconds, len(pairs))
+            gw_scores = self.scorer.score([(ev, self.state.machine_of(ev.node)) for ev, _t in self._accepted])
+            self.metrics.observe_inference(self.scorer.last_batch_seconds, len(gw_scores))
+        tracing = self.tracer.enabled
         for (ev, t_recv_us), gw in zip(self._accepted, gw_scores, strict=True):
-            with self.tracer.event_span(ev, None):
+            if tracing:
+                with self.tracer.event_span(ev, None):
+                    await self._apply_event(ev, t_recv_us, gw)
+            else:
                 await self._apply_event(ev, t_recv_us, gw)
 
     async def _apply_event(self, ev: wire.Event, t_recv_us: int, gw_score: float | None) -> None:
@@ -435,11 +461,12 @@ class Gateway:
         if ev.kind == w.KIND_EVT:
             if gw_score is not None:
                 ev.scores["gateway"] = gw_score
-            with self.metrics.time_opcua_publish():
-                await self.opcua.update(m, ev, alarm_score(ev))
-                if ev.anomaly:
-                    self._counts[(m.key, "anomaly")] += 1
-                    await self.opcua.emit_anomaly(m, ev)
+            t0 = time.perf_counter()
+            await self.opcua.update(m, ev, alarm_score(ev))
+            if ev.anomaly:
+                self._counts[(m.key, "anomaly")] += 1
+                await self.opcua.emit_anomaly(m, ev)
+            self.metrics.observe_opcua_publish(time.perf_counter() - t0)
             if ev.anomaly:
                 log.info(
                     "anomaly on %s trace=%s node=%s seq=%d",

@@ -15,6 +15,13 @@ Errors name the key and say what it must be. Example:
     [opcua]
     host = "0.0.0.0"
     port = 4840
+    security = "sign-and-encrypt"   # the default; "none" is an explicit opt-out
+    pki_dir = "opcua-pki"           # own/, trusted/, rejected/ (see docs/opcua.md)
+    users_file = "opcua-users.toml"
+
+    [alarms]                  # optional; scores in sigma units (docs/opcua.md)
+    raise_threshold = 3.0
+    clear_threshold = 2.0
 
     [metrics]                 # optional: Prometheus text at http://host:port/metrics
     port = 9108
@@ -33,6 +40,8 @@ from typing import Any
 
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host.gateway import GatewayConfig
+from edgeline.host.opcua_alarms import AlarmConfig
+from edgeline.host.opcua_security import SecurityConfigError, security_from_config
 from edgeline.host.uplink import UplinkConfig
 
 
@@ -57,7 +66,22 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "user": (_STR, "broker_user"),
         "password": (_STR, "broker_password"),
     },
-    "opcua": {"host": (_STR, "opcua_host"), "port": (_INT, "opcua_port")},
+    # security, pki_dir, users_file, hostnames: read by opcua_security.security_from_config
+    "opcua": {
+        "host": (_STR, "opcua_host"),
+        "port": (_INT, "opcua_port"),
+        "security": (_STR, ""),
+        "pki_dir": (_STR, ""),
+        "users_file": (_STR, ""),
+        "hostnames": ((list,), ""),
+    },
+    "alarms": {
+        "raise_threshold": (_NUM, "raise_threshold"),
+        "clear_threshold": (_NUM, "clear_threshold"),
+        "raise_count": (_INT, "raise_count"),
+        "clear_count": (_INT, "clear_count"),
+        "severity": (_INT, "severity"),
+    },
     "uplink": {
         "kind": (_STR, "kind"),
         "host": (_STR, "host"),
@@ -115,12 +139,24 @@ def _check_values(cfg: GatewayConfig) -> None:
         raise GatewayConfigError("uplink.max_bytes and uplink.max_age_s must be positive")
 
 
-def parse(raw: dict[str, Any]) -> GatewayConfig:
+def parse(raw: dict[str, Any], base_dir: Path | None = None) -> GatewayConfig:
+    """A validated GatewayConfig; relative paths (OPC-UA PKI, users file) are relative to
+    `base_dir` (the config file's folder), else to the working directory."""
     _check_types(raw)
     cfg = GatewayConfig()
     for section in ("gateway", "mqtt", "opcua", "metrics"):
         for key, v in raw.get(section, {}).items():
-            setattr(cfg, _SCHEMA[section][key][1], v)
+            attr = _SCHEMA[section][key][1]
+            if attr:
+                setattr(cfg, attr, v)
+    try:
+        cfg.opcua_security = security_from_config(raw.get("opcua", {}), base_dir=base_dir or Path.cwd())
+    except SecurityConfigError as e:
+        raise GatewayConfigError(str(e)) from e
+    try:
+        cfg.opcua_alarms = AlarmConfig(**{k: v for k, v in raw.get("alarms", {}).items()})
+    except ValueError as e:
+        raise GatewayConfigError(f"[alarms]: {e}") from e
     up = UplinkConfig()
     for key, v in raw.get("uplink", {}).items():
         setattr(up, _SCHEMA["uplink"][key][1], v)
@@ -138,4 +174,4 @@ def load(path: Path) -> GatewayConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise GatewayConfigError(f"gateway config {path} is not valid TOML: {e}") from e
-    return parse(raw)
+    return parse(raw, base_dir=path.parent)

@@ -12,6 +12,7 @@ import os
 import time
 
 import numpy as np
+from edgeline.host.machine_state import MachineState
 from edgeline.host.model_scorer import ModelScorer
 from edgeline.host.wire import Event
 
@@ -20,37 +21,50 @@ class GatewayScorer:
     def __init__(self, model: str | os.PathLike[str] | bytes, backend: str = "litert") -> None:
         self.model = ModelScorer(model, backend=backend)
         self.threshold = float(self.model.scoring.threshold)
-        # (sensor, index in that sensor's feature list) per model input, resolved per
-        # feature-name list (births announce them; usually one list for every machine).
-        self.inputs = [f.split(".", 1) for f in self.model.scoring.features]
+        # (sensor, feature) per model input; births say where each sits in a machine's events.
+        self.inputs = [tuple(f.split(".", 1)) for f in self.model.scoring.features]
         self.rows_scored = 0
         self.last_batch_seconds = 0.0
+        self._index_cache: dict[str, list[tuple[str, int]] | None] = {}
 
-    def _row(self, ev: Event, names: dict[str, list[str]]) -> list[float] | None:
-        row = []
+    def _index(self, m: MachineState) -> list[tuple[str, int]] | None:
+        """Where each model input sits in this machine's events, from its birth; cached."""
+        key = m.key
+        if key in self._index_cache:
+            return self._index_cache[key]
+        idx: list[tuple[str, int]] | None = []
         for sensor, feature in self.inputs:
-            vals = ev.features.get(sensor)
-            fnames = names.get(sensor)
-            if vals is None or fnames is None or feature not in fnames:
-                return None
-            i = fnames.index(feature)
-            if i >= len(vals):
-                return None
-            row.append(vals[i])
-        return row
+            spec = m.sensors.get(sensor)
+            if spec is None or feature not in spec[1]:
+                idx = None
+                break
+            assert idx is not None
+            idx.append((sensor, spec[1].index(feature)))
+        if len(self._index_cache) > 4096:
+            self._index_cache.clear()
+        self._index_cache[key] = idx
+        return idx
 
-    def score(self, events: list[tuple[Event, dict[str, list[str]]]]) -> list[float | None]:
+    def forget(self, machine_key: str) -> None:
+        """A birth may change a machine's sensors or features: look them up again."""
+        self._index_cache.pop(machine_key, None)
+
+    def score(self, events: list[tuple[Event, MachineState | None]]) -> list[float | None]:
         """Score ratio (score / threshold) per event; None where the model's inputs are missing.
 
-        `events` pairs each event with its machine's feature names per sensor (from births).
+        Each event comes with its machine (whose birth names the features per sensor).
         """
         rows: list[list[float]] = []
         where: list[int] = []
-        for i, (ev, names) in enumerate(events):
-            r = self._row(ev, names)
-            if r is not None:
-                rows.append(r)
-                where.append(i)
+        for i, (ev, m) in enumerate(events):
+            idx = self._index(m) if m is not None else None
+            if idx is None:
+                continue
+            try:
+                rows.append([ev.features[s][j] for s, j in idx])
+            except (KeyError, IndexError):
+                continue  # this event lacks a sensor or feature the model needs
+            where.append(i)
         out: list[float | None] = [None] * len(events)
         if not rows:
             return out
@@ -58,6 +72,6 @@ class GatewayScorer:
         scores = self.model.scores(np.asarray(rows, dtype=np.float64))
         self.last_batch_seconds = time.perf_counter() - t0
         self.rows_scored += len(rows)
-        for i, sc in zip(where, scores, strict=True):
-            out[i] = float(sc) / self.threshold
+        for i, sc in zip(where, scores.tolist(), strict=True):
+            out[i] = sc / self.threshold
         return out

@@ -80,7 +80,7 @@ def parse_topic(topic: str) -> Topic:
     site, node, kind = parts[2], parts[3], parts[4]
     if kind not in ("evt", "tel", "birth", "death"):
         raise WireError(f"topic {topic!r}: kind {kind!r} is not evt, tel, birth or death")
-    if not w.valid_name(site) or not w.valid_name(node):
+    if not _name_ok(site) or not _name_ok(node):
         raise WireError(f"topic {topic!r}: site and node must be valid names")
     return Topic(site, node, kind)
 
@@ -103,9 +103,35 @@ def _uint(m: dict[Any, Any], key: int, what: str, hi: int = _U64) -> int:
 
 def _name(m: dict[Any, Any], key: int, what: str) -> str:
     v = _get(m, key, str, what)
-    if not w.valid_name(v):
+    if not _name_ok(v):
         raise WireError(f"key {key} ({what}) = {v!r} is not a valid name")
     return str(v)
+
+
+_NAMES_OK: set[str] = set()  # names already validated: most messages repeat the same few
+
+
+def _name_ok(s: Any) -> bool:
+    if s in _NAMES_OK:
+        return True
+    if not w.valid_name(s):
+        return False
+    if len(_NAMES_OK) < 65536:  # bounded: a flood of new names costs time, not memory
+        _NAMES_OK.add(s)
+    return True
+
+
+def _finite_list(vals: list[Any], what: str) -> list[float]:
+    """All finite numbers (not bools), as floats. Fast path: one type scan and one sum."""
+    for x in vals:
+        t = type(x)
+        if t is not float and t is not int:
+            return [_finite(x, what) for x in vals]  # reports the offending value
+    total = sum(vals)
+    if math.isfinite(total):  # NaN or an infinity anywhere makes the sum non-finite; an
+        # overflow of finite values too, and then the slow path below accepts them
+        return [float(x) for x in vals]
+    return [_finite(x, what) for x in vals]
 
 
 def _finite(v: Any, what: str) -> float:
@@ -166,11 +192,11 @@ def parse_event(m: dict[Any, Any], topic: Topic) -> Event:
         if len(feats) > MAX_SENSORS or len(scores) > MAX_SENSORS:
             raise WireError(f"more than {MAX_SENSORS} sensors in one event")
         for s, vals in feats.items():
-            if not w.valid_name(s) or not isinstance(vals, list) or len(vals) > MAX_FEATURES:
+            if not _name_ok(s) or not isinstance(vals, list) or len(vals) > MAX_FEATURES:
                 raise WireError(f"features of sensor {s!r} must be a list of at most {MAX_FEATURES}")
-            ev.features[s] = [_finite(x, f"feature of {s}") for x in vals]
+            ev.features[s] = _finite_list(vals, f"feature of {s}")
         for s, sc in scores.items():
-            if not w.valid_name(s):
+            if not _name_ok(s):
                 raise WireError(f"score for invalid sensor name {s!r}")
             ev.scores[s] = _finite(sc, f"score of {s}")
         ev.anomaly = bool(_get(m, w.K_ANOMALY, bool, "anomaly flag"))

@@ -88,9 +88,19 @@ class _GatewayProc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "edgeline.host.cli",
+            "-v",
+            "gateway",
+            "run",
+            "--config",
+            str(self.config),
+        ]
         with self.log.open("ab") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeline.host.cli", "-v", "gateway", "run", "--config", str(self.config)],
+                argv,
                 stdout=f,
                 stderr=subprocess.STDOUT,
             )
@@ -188,6 +198,5 @@ def test_gateway_sigkill_mid_stream_processes_each_event_once(tmp_path: Path) ->
             unique = set(seen)
         expected = {(NODES[i % len(NODES)], 1, i // len(NODES) + 1) for i in range(N_EVENTS)}
         assert unique == expected
-        print(
-            f"killed at {killed_at} processed; uplink records {len(seen)}, duplicates {len(seen) - len(unique)}"
-        )
+        dups = len(seen) - len(unique)
+        print(f"killed at {killed_at} processed; uplink records {len(seen)}, duplicates {dups}")

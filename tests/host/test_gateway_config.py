@@ -46,3 +46,20 @@ def test_unreadable_and_bad_toml(tmp_path: Path) -> None:
     bad.write_text("[mqtt\nport = 1")
     with pytest.raises(GatewayConfigError, match="not valid TOML"):
         load(bad)
+
+
+def test_opcua_security_is_the_default_and_none_is_explicit(tmp_path: Path) -> None:
+    secure = parse({}, base_dir=tmp_path)
+    assert secure.opcua_security is not None  # production default: Sign&Encrypt
+    assert parse({"opcua": {"security": "none"}}).opcua_security is None
+    with pytest.raises(GatewayConfigError, match="security"):
+        parse({"opcua": {"security": "maybe"}})
+
+
+def test_alarm_hysteresis_checked() -> None:
+    assert (
+        parse({"opcua": {"security": "none"}, "alarms": {"raise_threshold": 4}}).opcua_alarms.raise_threshold
+        == 4
+    )
+    with pytest.raises(GatewayConfigError, match=r"\[alarms\]"):
+        parse({"alarms": {"raise_threshold": 1.0, "clear_threshold": 2.0}})
