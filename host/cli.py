@@ -65,7 +65,13 @@ def _gateway_run(args: argparse.Namespace) -> int:
         await gw.drain()
         await gw.stop()
 
-    asyncio.run(main())
+    from edgeline.host.opcua_security import SecurityConfigError
+
+    try:
+        asyncio.run(main())
+    except (SecurityConfigError, ConnectionError) as e:
+        print(f"edgeline gateway: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -558,7 +558,8 @@ async def apply_security(
     if not cfg.users_path.exists():
         raise SecurityConfigError(
             f"OPC-UA users file {cfg.users_path} does not exist: add an account with "
-            "edgeline.host.opcua_security.add_user(path, name, role, password)"
+            f"`edgeline opcua user --pki {cfg.pki_dir} --role operator NAME`, "
+            "or set [opcua] security = \"none\" to run without security (not for production)"
         )
     accounts = load_users(cfg.users_path)
     if not accounts:

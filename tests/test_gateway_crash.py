@@ -137,7 +137,7 @@ def test_gateway_sigkill_mid_stream_processes_each_event_once(tmp_path: Path) ->
         cfg.write_text(
             f'[gateway]\nid = "gw-crash"\nsite = "s1"\nstate_dir = "{state}"\n'
             f'[mqtt]\nhost = "127.0.0.1"\nport = {ingest.port}\n'
-            f"[opcua]\nport = {free_tcp_port()}\n"
+            f'[opcua]\nport = {free_tcp_port()}\nsecurity = "none"\n'
             f'[uplink]\nkind = "mqtt"\nhost = "127.0.0.1"\nport = {upstream.port}\n'
         )
         db = state / "gateway.sqlite3"
