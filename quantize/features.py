@@ -8,8 +8,14 @@ Two kinds of features live here:
   the floating-point operations: the sums are accumulated left to right in float64 (the node
   reads its `array('f')` samples as Python floats, which are doubles on every port that has
   them), so host and node agree to the last bit, not just to a tolerance. Every feature is
-  listed by name, once, in `_WINDOW_FEATURES`; a new node feature (kurtosis, FFT band
-  energies) is one more entry there, plus whatever running sum it needs in `WindowSums`.
+  listed by name, once, in `_WINDOW_FEATURES`, which is frozen: the committed demo model and
+  the gateway are bound to those five.
+- **Per-sensor features**, the node's `Features(sensor, n).compute` (`feature_names(sensor)`):
+  the five, then the population excess kurtosis (second pass around the mean, summed in the
+  node's order, so it too agrees to the last bit), then for vibration 4 FFT band energies
+  normalised so that they sum to the mean square (Parseval). The node runs its own radix-2
+  FFT and the host `numpy.fft.rfft`: the band energies agree to rounding relative to the
+  window's mean square (about 1e-15 of it), not bit for bit.
 - **Row features** for 1 Hz multi-sensor rows (SKAB): a column subset and a causal rolling
   mean over past rows, which a node can keep in a ring buffer.
 """
@@ -99,6 +105,78 @@ def window_features(samples: np.ndarray) -> np.ndarray:
     single = x.ndim == 1
     w = WindowSums.of(np.atleast_2d(x).astype(np.float64))
     out = np.column_stack([fn(w) for _, fn in _WINDOW_FEATURES])
+    return out[0] if single else out
+
+
+KURTOSIS = "kurtosis"
+N_BANDS = 4
+BAND_NAMES: tuple[str, ...] = tuple(f"band{b}" for b in range(N_BANDS))
+BAND_SENSORS: tuple[str, ...] = ("vibration",)
+
+
+def feature_names(sensor: str) -> tuple[str, ...]:
+    """The node's `feature_names(sensor)`: FEATURE_NAMES, kurtosis, and band0..band3 for vibration."""
+    if sensor in BAND_SENSORS:
+        return (*FEATURE_NAMES, KURTOSIS, *BAND_NAMES)
+    return (*FEATURE_NAMES, KURTOSIS)
+
+
+def _as_windows(samples: np.ndarray) -> tuple[np.ndarray, bool]:
+    x = np.asarray(samples)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"samples must be one window (1-D) or a stack of windows (2-D), got shape {x.shape}")
+    if x.shape[-1] == 0:
+        raise ValueError("a window needs at least one sample")
+    return np.atleast_2d(x).astype(np.float64), x.ndim == 1
+
+
+def _kurtosis(windows: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Population excess kurtosis m4 / m2^2 - 3 around `mean`, summed in the node's order; 0 if flat."""
+    n = windows.shape[1]
+    d = windows - mean[:, None]
+    d2 = d * d
+    m2 = np.cumsum(d2, axis=1)[:, -1]
+    m4 = np.cumsum(d2 * d2, axis=1)[:, -1]
+    flat = m2 <= 0.0
+    m2n = np.where(flat, 1.0, m2 / n)
+    out: np.ndarray = np.where(flat, 0.0, (m4 / n) / (m2n * m2n) - 3.0)
+    return out
+
+
+def band_energies(samples: np.ndarray) -> np.ndarray:
+    """The node's 4 FFT band energies of one window ((n,) -> (4,)) or many ((k, n) -> (k, 4)).
+
+    Band b holds the rfft bins of frequencies [b, b+1) * fs / 8 (the Nyquist bin in band 3),
+    each weighted |X_k|^2 / n^2, doubled for bins other than DC and Nyquist: the bands sum to
+    mean(x^2) (Parseval).
+
+    :raises ValueError: a window length that is not a power of two >= 8 (the node's radix-2 FFT).
+    """
+    w, single = _as_windows(samples)
+    n = w.shape[1]
+    if n < 8 or n & (n - 1):
+        raise ValueError(f"band energies need a window of a power of two >= 8 samples, got {n}")
+    p = np.abs(np.fft.rfft(w, axis=1)) ** 2 / (float(n) * float(n))
+    p[:, 1:-1] *= 2.0
+    per = n // 8
+    out = np.column_stack(
+        [p[:, b * per : (b + 1) * per].sum(axis=1) for b in range(N_BANDS - 1)]
+        + [p[:, (N_BANDS - 1) * per :].sum(axis=1)]
+    )
+    return out[0] if single else out
+
+
+def sensor_features(samples: np.ndarray, sensor: str) -> np.ndarray:
+    """The node's per-sensor features (`feature_names(sensor)` columns) of one window or many.
+
+    :raises ValueError: as window_features; for a band sensor also as band_energies.
+    """
+    w, single = _as_windows(samples)
+    base = window_features(w)
+    cols = [base, _kurtosis(w, base[:, 0])[:, None]]
+    if sensor in BAND_SENSORS:
+        cols.append(band_energies(w))
+    out = np.concatenate(cols, axis=1)
     return out[0] if single else out
 
 
