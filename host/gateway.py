@@ -74,6 +74,8 @@ class GatewayStats:
     malformed: int = 0
     pending: int = 0
     failed_batches: int = 0
+    model_reloads: int = 0
+    model_reloads_refused: int = 0
     by_kind: Counter[str] = field(default_factory=Counter)
     dead_reasons: Counter[str] = field(default_factory=Counter)
 
@@ -124,6 +126,8 @@ class Gateway:
         self._metrics_server: MetricsServer | None = None
         self.tracer = EventTracer(enabled=cfg.tracing)
         self.scorer = GatewayScorer(cfg.model_path) if cfg.model_path else None
+        if self.scorer is not None:
+            self.scorer.self_test()
         # A gateway serving every site ("+") announces itself on each site's state topic as
         # the site's first node is born; nodes follow their own site's topic.
         self._sites_served: set[str] = set()
@@ -369,6 +373,23 @@ class Gateway:
             return
         self._pending.setdefault(node, []).append(item)
         self.stats.pending = sum(len(v) for v in self._pending.values())
+
+    def reload_model(self, model: str | bytes) -> bool:
+        """Blue-green reload of the gateway model: load the new one beside the running one,
+        self-test it, then swap. On any failure the running model stays and False is returned.
+        Batches in progress finish on the model they started with (the swap is one assignment
+        between batches on this loop)."""
+        try:
+            candidate = GatewayScorer(model)
+            candidate.self_test()
+        except Exception as e:  # a bad file, a refused model, a failed self-test: keep the old one
+            log.error("gateway model reload refused, keeping the running model: %s", e)
+            self.stats.model_reloads_refused += 1
+            return False
+        self.scorer = candidate
+        self.stats.model_reloads += 1
+        log.info("gateway model reloaded (threshold %.4g)", candidate.threshold)
+        return True
 
     async def _restore_births(self) -> None:
         """Known nodes from the last run, so their events need not wait for a new birth."""

@@ -45,6 +45,15 @@ class GatewayScorer:
         self._index_cache[key] = idx
         return idx
 
+    def self_test(self) -> float:
+        """Score the training centre (the scaler's mean): a working model scores it finite and
+        below its threshold. Returns that ratio; raises ValueError otherwise."""
+        centre = np.asarray([self.model.scoring.mean], dtype=np.float64)
+        ratio = float(self.model.scores(centre)[0]) / self.threshold
+        if not np.isfinite(ratio) or ratio >= 1.0:
+            raise ValueError(f"model self-test failed: its training centre scores {ratio:.3f} x threshold")
+        return ratio
+
     def forget(self, machine_key: str) -> None:
         """A birth may change a machine's sensors or features: look them up again."""
         self._index_cache.pop(machine_key, None)
