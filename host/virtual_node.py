@@ -36,11 +36,23 @@ def micropython_binary() -> str:
 
 
 class VirtualNode:
-    def __init__(self, config: dict[str, Any], workdir: Path, heapsize: str | None = None) -> None:
+    """One node process. `heapsize` bounds MicroPython's heap (`-X heapsize=`, e.g. "128wk":
+    128 KiB as a 32-bit board counts it, scaled by the unix port to its word size);
+    `firmware_dir` runs another copy of the firmware (e.g. precompiled to .mpy) holding
+    main.py and the edgeline_node package, instead of the source tree."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        heapsize: str | None = None,
+        firmware_dir: Path | None = None,
+    ) -> None:
         self.config = config
         self.node_id: str = config["node_id"]
         self.workdir = workdir
         self.heapsize = heapsize
+        self.firmware_dir = firmware_dir or FIRMWARE_DIR
         self.lines: list[dict[str, Any]] = []
         self.stderr_tail: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,8 +66,10 @@ class VirtualNode:
         args = [micropython_binary()]
         if self.heapsize:
             args += ["-X", f"heapsize={self.heapsize}"]
-        args += [str(FIRMWARE_DIR / "main.py"), str(cfg_path)]
-        env = dict(os.environ, MICROPYPATH=f"{FIRMWARE_DIR}:.frozen")
+        # The script's folder comes first on MicroPython's path: main.py must sit beside the
+        # package it is to import.
+        args += [str(self.firmware_dir / "main.py"), str(cfg_path)]
+        env = dict(os.environ, MICROPYPATH=f"{self.firmware_dir}:.frozen")
         self.proc = subprocess.Popen(
             args,
             cwd=self.workdir,

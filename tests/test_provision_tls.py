@@ -10,20 +10,31 @@ firmware/edgeline_node/tls.py).
    certificate and publishes; paho, holding the gateway certificate, receives it and commands
    the node back; a message to another node's topic is not delivered (ACL); a client without
    a certificate, with a certificate from another CA, or trusting another CA is refused.
+3. The node application itself, `edgeline node sim --config <bundle config>`: it publishes
+   its events over mutual TLS to a gateway (paho, gateway certificate) that announced itself
+   online; the same node without its client certificate in the config is refused at every
+   attempt, logs it, and delivers nothing (its measurements stay on its flash queue).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import queue
+import signal
 import stat
+import subprocess
+import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import paho.mqtt.client as paho
 import pytest
 from cryptography import x509
@@ -32,6 +43,7 @@ from cryptography.hazmat.primitives.serialization import load_der_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgeline.firmware.edgeline_node import config as node_config
 from edgeline.firmware.edgeline_node import tls
+from edgeline.firmware.edgeline_node import wire as w
 from edgeline.firmware.edgeline_node.mqtt import MQTTClient, MQTTError
 from edgeline.hil.mosquitto import MosquittoProcess
 from edgeline.host.ports import free_tcp_port
@@ -146,6 +158,19 @@ def test_refuses_a_foreign_non_empty_folder(tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "notes.txt").write_text("mine")
     assert provision("--out", str(tmp_path), "--site", SITE) == 2
     assert "is not empty and has no manifest.json" in capsys.readouterr().err
+
+
+def test_lazy_context_reports_a_bad_file_at_every_attempt(tmp_path: Path) -> None:
+    # The node builds its context at boot and again at each connect until it loads: a bad
+    # file costs connections (each one says why), never the node.
+    ctx = tls.LazyContext({"ca": "ca.der", "cert": None, "key": None}, str(tmp_path))
+    for attempt in (ctx.load, lambda: ctx.wrap_socket(None, server_hostname="x")):
+        with pytest.raises(tls.TLSConfigError, match=r"CA certificate \(broker\.tls\.ca\)"):
+            attempt()
+    assert provision("--out", str(tmp_path / "site"), "--site", SITE, "--node", "node-1") == 0
+    d = Layout(tmp_path / "site").node_dir("node-1")
+    (tmp_path / "ca.der").write_bytes((d / "ca.der").read_bytes())  # the file arrives
+    assert ctx.load() is ctx.load() is not None  # built once, then kept
 
 
 # -- 2. mutual TLS on Mosquitto -------------------------------------------------------------------
@@ -389,3 +414,122 @@ def test_a_node_cannot_take_over_another_nodes_client_id(tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr.decode() + r.stdout.decode()
     assert json.loads(r.stdout.decode().strip().splitlines()[-1]) == {"victim": True}, log
     assert "as node-1" in log and "as node-2" in log
+
+
+# -- 3. the node application itself over mutual TLS -------------------------------------------
+class NodeSim:
+    """`edgeline node sim --config FILE` as a child process (it becomes the MicroPython node);
+    keeps its JSON log lines, stopped with its `stop` command or by PID."""
+
+    def __init__(self, config: Path, cwd: Path) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeline.host.cli", "node", "sim", "--config", str(config)],
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.lines.append(json.loads(raw))
+
+    def events(self, ev: str) -> list[dict[str, Any]]:
+        return [x for x in list(self.lines) if x.get("ev") == ev]
+
+    def wait_for(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                ended = self.proc.poll() is not None and self.proc.stderr is not None
+                err = self.proc.stderr.read().decode() if ended and self.proc.stderr else ""
+                raise AssertionError(f"timed out waiting for {what}; last lines {self.lines[-5:]}; {err}")
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write(b"stop\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._t.join(2)
+        return self.proc.returncode
+
+
+def sim_config(b: TlsBroker, node: str, tmp_path: Path, *, client_cert: bool = True) -> Path:
+    """The node's provisioned config.json, pointed at the test listener, with fast windows;
+    written beside the DER files (they are found relative to the config file)."""
+    d = b.lay.node_dir(node)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["broker"]["port"] = b.tls_port
+    cfg["window"] = {"samples": 64, "period_ms": 100}
+    cfg["data_dir"] = str(tmp_path / f"{node}-data")
+    if not client_cert:
+        cfg["broker"]["tls"] = {"ca": "ca.der"}  # trusts the broker, presents nothing
+    path = d / ("config.json" if client_cert else "config-no-cert.json")
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.micropython
+@pytest.mark.mosquitto  # amqtt cannot require client certificates
+def test_the_node_sim_publishes_over_mutual_tls_and_is_refused_without_its_certificate(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    b = tls_broker
+    gw = Gateway(b)
+    root = f"edgeline/v1/{SITE}"
+    nodes: list[NodeSim] = []
+    try:
+        # The gateway is online (retained state), so the node sends what it measures.
+        online = cbor2.dumps({w.K_V: 1, w.K_KIND: w.KIND_STATE, w.K_NODE: w.GATEWAY_NODE, w.K_ONLINE: True})
+        gw.c.publish(f"{root}/{w.GATEWAY_NODE}/state", online, qos=1, retain=True).wait_for_publish(5)
+        good = NodeSim(sim_config(b, "node-1", tmp_path), tmp_path)
+        bare = NodeSim(sim_config(b, "node-2", tmp_path, client_cert=False), tmp_path)
+        nodes += [good, bare]
+        evts: list[dict[int, Any]] = []
+        births = 0
+        deadline = time.monotonic() + 20
+        while len(evts) < 10 and time.monotonic() < deadline:
+            m = gw.take(0.5)
+            if m is None or m.topic.endswith("/state"):
+                continue
+            assert not m.topic.startswith(f"{root}/node-2/"), f"node-2 got through uncertified: {m.topic}"
+            if m.topic == f"{root}/node-1/evt":
+                evts.append(cbor2.loads(m.payload))
+            births += m.topic == f"{root}/node-1/birth"
+        bare.wait_for(lambda: len(bare.events("disconnected")) >= 2, 20, "node-2 to be refused twice")
+        assert good.stop() == 0
+        assert bare.stop() == 0
+        # Anything node-2 managed to send would be on its way by now.
+        while (m := gw.take(0.5)) is not None:
+            assert not m.topic.startswith(f"{root}/node-2/"), m.topic
+    finally:
+        for n in nodes:
+            n.stop()
+        gw.close()
+    assert births >= 1 and len(evts) >= 10
+    assert [e[w.K_SEQ] for e in evts] == sorted(e[w.K_SEQ] for e in evts)
+    assert {e[w.K_NODE] for e in evts} == {"node-1"}
+    (connected,) = good.events("connected")
+    assert connected["tls"] is True
+    assert good.events("gateway")[0]["online"] is True
+    stopped = good.events("stopped")[-1]
+    assert stopped["sent"] >= 10 and stopped["queue"] == 0
+    # Refused at the handshake, over and over (with backoff), never connected, delivered nothing.
+    assert bare.events("connected") == [] and bare.events("gateway") == []
+    refusals = bare.events("disconnected")
+    assert all(r["connected"] is False and "TLS handshake" in r["reason"] for r in refusals), refusals
+    left = bare.events("stopped")[-1]
+    assert left["sent"] == 0 and left["queue"] == len(bare.events("logged")) > 0  # all still on flash
+    assert "peer did not return a certificate" in b.mosquitto.log_tail(200)

@@ -11,9 +11,13 @@ DEFAULTS = {
     "machine": None,
     # broker.tls: None (plain MQTT) or {"ca": ..., "cert": ..., "key": ...}, DER file names
     # relative to the config file's folder (what `edgeline provision` writes; see tls.py).
+    # broker.inflight: QoS 1 records sent ahead of their PUBACK (the flash queue's in-flight
+    # window); the MQTT client gets one more slot for the birth and one for command acks.
     "broker": {"host": "127.0.0.1", "port": 1883, "user": None, "password": None, "keepalive": 30,
-               "tls": None},
+               "tls": None, "inflight": 8},
     "hal": HAL_DEFAULTS,  # hal_config.py documents and checks this section
+    # window.period_ms 0: no waiting between windows, as fast as the HAL delivers them (the
+    # sim HAL then runs in simulated time, faster than real time: soak and heap tests).
     "window": {"samples": 256, "period_ms": 500},
     "spc": {"calibration": 20, "k_sigma": 3.0, "run": 2},
     "telemetry_every": 10,
@@ -25,7 +29,19 @@ DEFAULTS = {
     # with "/". max_messages is from the RAM queue it replaced: still accepted, not used.
     "queue": {"dir": "queue", "capacity_bytes": 262144, "segment_bytes": 16384, "commit_every": 32,
               "commit_ms": 5000, "max_messages": 256},
+    # Southbound commands (docs/southbound.md). key: the per-device key file (64 hex digits),
+    # relative to the config file's folder; null = southbound off (no cmd/ subscription, no
+    # time requests). max_model_bytes: the size of each of the two model slots in data_dir.
+    # time_every_s: how often to ask the gateway for the time (and once after every connect).
+    "southbound": {"key": None, "max_model_bytes": 65536, "time_every_s": 60},
 }
+
+# What a config push (cmd/config) may not change: who the node is, where it keeps its state,
+# and the key that authenticates pushes. Everything else is validated as a whole config.
+PUSH_REFUSED = ("node_id", "site", "data_dir", "southbound")
+# What a push changes at once, without a reboot; anything else it changes takes effect at the
+# next boot (the node persists the push in data_dir).
+PUSH_LIVE = ("spc.k_sigma", "spc.run", "telemetry_every", "window.period_ms")
 
 
 class ConfigError(ValueError):
@@ -87,9 +103,12 @@ def validate(given):
     _int_in(cfg, "broker.port", 1, 65535)
     _int_in(cfg, "broker.keepalive", 5, 3600)
     _check_tls(cfg["broker"]["tls"])
+    _int_in(cfg, "broker.inflight", 1, 64)
     check_hal(cfg["hal"], ConfigError)
     _int_in(cfg, "window.samples", 8, 4096)
-    _int_in(cfg, "window.period_ms", 10, 3600000)
+    p = cfg["window"]["period_ms"]
+    _need(p == 0 or (isinstance(p, int) and not isinstance(p, bool) and 10 <= p <= 3600000), "window.period_ms",
+          "must be 0 (as fast as possible) or an integer from 10 to 3600000, got %r" % (p,))
     _int_in(cfg, "spc.calibration", 2, 100000)
     _int_in(cfg, "spc.run", 1, 100)
     k = cfg["spc"]["k_sigma"]
@@ -113,7 +132,44 @@ def validate(given):
     _need(sha is None or (isinstance(sha, str) and len(sha) == 64
                           and all(c in "0123456789abcdef" for c in sha)),
           "model.sha256", "must be 64 lowercase hex characters or null, got %r" % (sha,))
+    sb = cfg["southbound"]
+    _need(sb["key"] is None or (isinstance(sb["key"], str) and sb["key"]), "southbound.key",
+          "must name the device key file (from provisioning), or be null (southbound off)")
+    _int_in(cfg, "southbound.max_model_bytes", 1024, 4194304)
+    _int_in(cfg, "southbound.time_every_s", 5, 86400)
     return cfg
+
+
+def overlay(cfg, patch, prefix=""):
+    """A copy of the config `cfg` with the (partial) config `patch` merged in, section by
+    section: what a config push sends. Validate the result (validate() names a bad key)."""
+    if not isinstance(patch, dict):
+        raise ConfigError("config %s must be an object" % (repr(prefix[:-1]) if prefix else "push"))
+    out = {}
+    for key in cfg:
+        out[key] = cfg[key]
+    for key in patch:
+        if not isinstance(key, str):
+            raise ConfigError("config push key %r is not a string" % (key,))
+        if key in cfg and isinstance(cfg[key], dict) and isinstance(patch[key], dict):
+            out[key] = overlay(cfg[key], patch[key], prefix + key + ".")
+        else:
+            out[key] = patch[key]
+    return out
+
+
+def changed(old, new, prefix=""):
+    """The dotted keys whose values differ between two validated configs, sorted."""
+    out = []
+    for key in new:
+        a = old.get(key)
+        b = new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed(a, b, prefix + key + "."))
+        elif a != b:
+            out.append(prefix + key)
+    out.sort()
+    return out
 
 
 def load(path):

@@ -123,7 +123,10 @@ class FlashQueue:
     """A bounded, prioritised, crash-safe queue of encoded messages in directory `path`.
 
     append(prio, kind, payload) -> rseq (0: the record itself was dropped);
-    peek() -> (kind, memoryview) of the oldest undelivered record, or None;
+    take() -> (kind, memoryview, token) of the next record to send, up to max_inflight out;
+    fetch(token) reads it again for a (re)send; ack(token) when its PUBACK came; skip(token)
+    when it can never go (fetch() returned None);
+    peek() -> (kind, memoryview) of the oldest undelivered record, or None (a window of one);
     pop() acknowledges what peek() returned; tick() commits the pointer when due;
     commit() forces it; close() commits and closes the files.
 
@@ -157,6 +160,7 @@ class FlashQueue:
         # The only buffers, allocated before the heap fragments.
         self._buf = bytearray(max_record)
         self._mv = memoryview(self._buf)
+        self._buf_rseq = 0  # the record whose payload the read buffer holds (0: none)
         self._hbuf = bytearray(HEADER)
         self._hmv = memoryview(self._hbuf)
         self._sbuf = bytearray(SLOT)
@@ -331,6 +335,7 @@ class FlashQueue:
             if not self._read_at(seg, off, n):
                 self._skip_bad_head(best)  # valid at boot, unreadable now (flash decay)
                 continue
+            self._buf_rseq = best_rseq
             i = (self._fh + self._fn) % self.max_inflight
             self._f_rseq[i] = best_rseq
             self._f_seg[i] = seg
@@ -348,18 +353,63 @@ class FlashQueue:
     def ack(self, token):
         """The broker acknowledged the record take() handed out with `token`. Returns False
         for a token that is not out (acknowledged twice, or never handed out)."""
+        i = self._out(token)
+        if i < 0:
+            return False
+        self._f_acked[i] = True
+        if self._f_orphan[i] == 1:
+            # Counted as dropped when its segment was evicted; delivered after all.
+            self.drops[self._f_prio[i]] -= 1
+            self._f_orphan[i] = 2
+        self._advance()
+        return True
+
+    def fetch(self, token):
+        """The payload of the record take() handed out with `token`, read again from flash
+        (a memoryview valid until the next call on this queue), for a layer that sends from
+        the queue without keeping a copy: at its first send and at every resend. None when
+        it cannot be sent any more: its segment was evicted meanwhile (counted as dropped),
+        or it no longer passes its CRC. Report such a record with skip(token)."""
+        i = self._out(token)
+        if i < 0 or self._f_orphan[i]:
+            return None
+        n = self._f_len[i]
+        if self._buf_rseq == token:
+            return self._mv[:n]  # still in the read buffer since take() or the last fetch
+        if not self._read_at(self._f_seg[i], self._f_off[i], n):
+            return None
+        self._buf_rseq = token
+        return self._mv[:n]
+
+    def skip(self, token):
+        """The record handed out with `token` can never be sent (fetch() returned None): it
+        leaves the queue as lost, counted as dropped (evicted) or in corrupt_lost (its CRC
+        failed since boot). Returns False for a token that is not out."""
+        i = self._out(token)
+        if i < 0:
+            return False
+        self._f_acked[i] = True
+        if self._f_orphan[i] == 0:
+            seg = self._f_seg[i]
+            seg[_PENDING] -= 1
+            self._pending[self._f_prio[i]] -= 1
+            self._depth -= 1
+            self.corrupt_lost += 1
+        self._f_orphan[i] = 2  # accounted for: _advance() must not count it again
+        self._advance()
+        return True
+
+    def _out(self, token):
+        # The in-flight ring index of the unacknowledged record `token`, or -1.
         m = self.max_inflight
         for k in range(self._fn):
             i = (self._fh + k) % m
             if self._f_rseq[i] == token and not self._f_acked[i]:
-                self._f_acked[i] = True
-                if self._f_orphan[i] == 1:
-                    # Counted as dropped when its segment was evicted; delivered after all.
-                    self.drops[self._f_prio[i]] -= 1
-                    self._f_orphan[i] = 2
-                break
-        else:
-            return False
+                return i
+        return -1
+
+    def _advance(self):
+        # Delivery moves up to the oldest record out that is not acknowledged yet.
         while self._fn and self._f_acked[self._fh]:
             i = self._fh
             if not self._f_orphan[i]:
@@ -372,7 +422,6 @@ class FlashQueue:
             self._pop_inflight()
         if self._acks >= self.commit_every:
             self.commit()
-        return True
 
     def peek(self):
         """A window of one, for a caller that publishes and waits: (kind, payload
@@ -502,6 +551,7 @@ class FlashQueue:
         if (h[0] != _MAGIC or h[1] != _VERSION or h[4] != prio or h[5] == 0 or not 0 < n <= self.max_record
                 or off + HEADER + n > end or rseq <= prev):
             return -1
+        self._buf_rseq = 0
         mv = self._mv[:n]
         if f.readinto(mv) != n:
             return -1
@@ -515,6 +565,7 @@ class FlashQueue:
         # The offset of the next valid record in [start, end), or -1: look for the magic
         # and version bytes, then check the whole record there.
         buf = self._buf
+        self._buf_rseq = 0
         chunk = len(buf)
         pos = start
         while pos < end:
@@ -536,6 +587,7 @@ class FlashQueue:
         # No truncate() on MicroPython: copy the valid prefix, then rename over the segment
         # (atomic on littlefs and POSIX; a power cut leaves the old file and a .tmp).
         tmp = path + _TMP
+        self._buf_rseq = 0
         src = open(path, "rb")
         try:
             dst = open(tmp, "wb")
@@ -776,6 +828,7 @@ class FlashQueue:
     def _read_at(self, seg, off, n):
         # The record at seg/off (payload length n) into the read buffer; False if its CRC
         # (or anything else) is wrong.
+        self._buf_rseq = 0
         f = self._reader(seg, off + HEADER + n)
         f.seek(off)
         mv = self._mv[:n]

@@ -18,6 +18,15 @@
 #   why) in the rare case it can never be sent (its payload could not be fetched or does not
 #   fit max_packet). A PUBACK that arrives out of order is held until the older ones came.
 #
+# Holding: while `hold` is True nothing handed in with send() is sent or resent; the birth,
+# subscriptions, keepalive and incoming messages go on. The node holds while the gateway is
+# offline or not yet known to be online: delivery means delivered to the gateway, and a
+# message the broker acknowledged while no gateway session existed would be lost.
+#
+# Subscriptions made with every_connect=True are sent again after every CONNACK, even when
+# the broker kept the session: a broker sends a topic's retained message only in answer to
+# a SUBSCRIBE, so that is how a node learns the gateway's state again after a reconnect.
+#
 # What it does NOT do: own a queue across resets. The caller (the flash queue) hands in
 # messages with send(topic, payload, token) while `free` > 0, keeps each one until on_ack /
 # on_drop, and hands them in again after a reset. Two ways to pass the payload:
@@ -32,7 +41,8 @@
 # counts (saturating counters, `discarded_in`).
 #
 # The budget: service(budget_ms) returns within budget_ms, having waited for network events
-# (or slept while the broker is down) for at most that long. Exceptions, each bounded by the
+# (or slept while the broker is down) for at most that long; service(0) waits for nothing
+# but still handles what has already arrived. Exceptions, each bounded by the
 # client's timeout_ms per socket operation: the one-time DNS lookup, a TLS handshake (runs in
 # one piece; CPU-bound on a microcontroller), and a socket write when the socket reported
 # room but less than the packet needed. It returns early once PUBACKs freed slots, so the
@@ -42,6 +52,10 @@
 # send() allocate nothing in the steady state beyond what the protocol layer does.
 from .compat import const, sleep_ms, ticks_add, ticks_diff, ticks_ms, ticks_us
 from .mqtt import MQTTOversize
+
+TYPE_CHECKING = const(0)  # the hooks' types, for the board type check; compiled out
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 try:
     from random import getrandbits
@@ -64,12 +78,12 @@ def _inc(n):
 class ResilientMQTT:
     # Hooks, all optional, all called from inside service(). An exception from one is
     # counted in hook_errors and kept in last_error, never taken for a network fault.
-    on_connect = None  # on_connect(session_present: bool), after every CONNACK
-    on_disconnect = None  # on_disconnect(reason: str), when a live connection is lost
-    on_ack = None  # on_ack(token): the broker has the message handed in with `token`
-    on_drop = None  # on_drop(token, why: str): that message can never be sent
-    on_fetch = None  # on_fetch(token) -> payload, for messages handed in with payload None
-    on_message = None  # on_message(topic: str, payload: bytes, retained: bool)
+    on_connect = None  # type: Callable[[bool], Any]  # after every CONNACK: session_present
+    on_disconnect = None  # type: Callable[[str], Any]  # a live connection was lost: why
+    on_ack = None  # type: Callable[[Any], Any]  # the broker has the message handed in with this token
+    on_drop = None  # type: Callable[[Any, str], Any]  # (token, why): that message can never be sent
+    on_fetch = None  # type: Callable[[Any], Any]  # token -> payload, for messages handed in with None
+    on_message = None  # type: Callable[[str, bytes, bool], Any]  # (topic, payload, retained)
 
     def __init__(self, client, *, backoff_min_ms=500, backoff_max_ms=30000, clean_session=False):
         """`client`: an MQTTClient (its last will set, its ssl_context given) that this object
@@ -100,7 +114,7 @@ class ResilientMQTT:
         self._birth = None  # (topic, payload)
         self._birth_due = False
         self._birth_pid = 0
-        self._subs = []  # [topic filter, qos], at most _MAX_SUBS
+        self._subs = []  # [topic filter, qos, every_connect], at most _MAX_SUBS
         self._sub_pids = [0] * _MAX_SUBS
         self._subscribed_once = False
         self._failures = 0
@@ -108,6 +122,7 @@ class ResilientMQTT:
         self._up = False
         self._freed = False
         self._stopped = False
+        self.hold = False  # True: send()/resend nothing handed in (see the file's head)
         # Counters (saturating).
         self.connects = 0
         self.connect_failures = 0
@@ -181,11 +196,13 @@ class ResilientMQTT:
         self._birth = (topic, payload)
         self._birth_due = True
 
-    def subscribe(self, topic, qos=1):
-        """Subscribe now if connected, and again after every connect that needs it."""
+    def subscribe(self, topic, qos=1, every_connect=False):
+        """Subscribe now if connected, and again after every connect that needs it: each
+        one without a kept session, or every one with every_connect=True (to get the topic's
+        retained message again)."""
         if len(self._subs) == _MAX_SUBS:
             raise ValueError("at most %d subscriptions; use a wildcard filter" % _MAX_SUBS)
-        self._subs.append([topic, qos])
+        self._subs.append([topic, qos, every_connect])
         if self.client.connected:
             try:
                 self._sub_pids[len(self._subs) - 1] = self.client.subscribe_nowait(topic, qos)
@@ -219,16 +236,32 @@ class ResilientMQTT:
             while True:
                 self._transmit()
                 c.ping_if_due()
-                left = budget_ms - ticks_diff(ticks_ms(), start)
-                if left <= 0 or self._freed:
+                if self._freed:
                     return
+                left = budget_ms - ticks_diff(ticks_ms(), start)
+                # Out of time: still handle what has already arrived (poll(0) does not wait),
+                # so that a caller with no time to spare (service(0)) gets its PUBACKs.
                 try:
-                    if not c.poll(left):
+                    if not c.poll(left if left > 0 else 0) or left <= 0:
                         return
                 except MQTTOversize:
                     pass  # read off the wire and counted by the client; the link is fine
         except OSError as e:  # MQTTError and any socket error
             self._lost(e)
+
+    def publish_now(self, topic, payload, qos=0, retain=False):
+        """Send one message now, outside the slot table (a time request: QoS 0, worthless
+        late; a clean stop's death). Returns False when not connected, or when QoS 1 finds
+        no free window slot; a network fault counts as a lost connection (reconnect)."""
+        c = self.client
+        if not c.connected or (qos and not c.window_free):
+            return False
+        try:
+            c.publish_nowait(topic, payload, qos, retain)
+        except OSError as e:
+            self._lost(e)
+            return False
+        return True
 
     def disconnect(self):
         """Say goodbye (the broker drops the last will) and stop reconnecting."""
@@ -255,10 +288,11 @@ class ResilientMQTT:
         self._hook(self.on_connect, c.session_present)
         if self._birth is not None:
             self._birth_due = True
-        if not self._subscribed_once or not c.session_present:
-            for k in range(len(self._subs)):
+        every = not self._subscribed_once or not c.session_present
+        for k in range(len(self._subs)):
+            if every or self._subs[k][2]:
                 self._sub_pids[k] = c.subscribe_nowait(self._subs[k][0], self._subs[k][1])
-            self._subscribed_once = True
+        self._subscribed_once = True
 
     def _transmit(self):
         c = self.client
@@ -268,6 +302,9 @@ class ResilientMQTT:
             topic, payload = self._birth
             self._birth_pid = c.publish_nowait(topic, payload, 1, True)
             self._birth_due = False
+        if self.hold:
+            self._report()
+            return
         # Ring order: a resend always goes before anything newer.
         while self._tx < self._count:
             i = (self._head + self._tx) % self.slots

@@ -66,6 +66,8 @@ BAD_SHA = "bad-sha"  # the bytes received do not hash to the announced sha256
 STALE_VERSION = "stale-version"  # older than what the node runs: a replay or a downgrade
 TOO_LARGE = "too-large"  # bigger than the slot
 BAD_CHUNK = "bad-chunk"  # a chunk missing, out of order, or inconsistent with chunk 0
+SELF_TEST = "self-test"  # a model that verified but did not load or pass its self-test: rolled back
+BAD_CONFIG = "bad-config"  # a config that verified but is not a valid config for this node
 
 # Results of ModelReceiver.chunk().
 MORE = const(1)  # accepted and written; more chunks to come
@@ -284,6 +286,17 @@ class ModelReceiver:
         self.cmd_id = None
         self.finished = cmd_id  # a redelivered chunk of it is ignored: the ack is already sent
         return DONE
+
+    def abort(self):
+        """End the push in progress without a verdict from here (its slot could not be
+        written): the slot is closed and must not be used; later chunks of it are IGNORED.
+        Returns its cmd_id, or None when none was in progress."""
+        cmd_id = self.cmd_id
+        self._close()
+        self.cmd_id = None
+        if cmd_id is not None:
+            self.finished = cmd_id
+        return cmd_id
 
     def _start(self, m, cmd_id):
         # Authenticated first: a forged chunk 0 must not abandon a genuine push in progress.

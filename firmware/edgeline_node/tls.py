@@ -45,7 +45,10 @@ def client_context(ca_der, cert_der=None, key_der=None):
     if (cert_der is None) != (key_der is None):
         raise TLSConfigError("a client certificate needs its key, and a key its certificate")
     if IS_MICROPYTHON:
-        import ssl
+        try:
+            import ssl
+        except ImportError:  # a port built without TLS, or the frozen ssl.py not on the path
+            raise TLSConfigError("this MicroPython has no ssl module: it cannot do MQTT over TLS")
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.verify_mode = ssl.CERT_REQUIRED  # not the default on MicroPython: see above
@@ -104,3 +107,24 @@ def from_config(tls_cfg, base_dir=""):
     except ValueError as e:
         raise TLSConfigError("cannot load the TLS files %s, %s, %s (DER expected; `edgeline provision` "
                              "writes them): %s" % (ca, cert, key, str(e).strip() or repr(e)))
+
+
+class LazyContext:
+    """The context for `broker.tls`, built when a connection first needs it and again at
+    every connect until it loads: a node whose TLS files are wrong (or arrive later) keeps
+    measuring into its queue, and each failed attempt says why. load() builds it at once
+    (the node tries at boot, to report a bad file early). An MQTTClient takes this object
+    as its ssl_context; a TLSConfigError from wrap_socket() is a failed handshake to it."""
+
+    def __init__(self, tls_cfg, base_dir=""):
+        self.tls_cfg = tls_cfg
+        self.base_dir = base_dir
+        self._ctx = None
+
+    def load(self):
+        if self._ctx is None:
+            self._ctx = from_config(self.tls_cfg, self.base_dir)
+        return self._ctx
+
+    def wrap_socket(self, sock, server_hostname=None):
+        return self.load().wrap_socket(sock, server_hostname=server_hostname)

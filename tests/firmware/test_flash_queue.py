@@ -365,6 +365,56 @@ def scenario_inflight(d):
     return r
 
 
+def scenario_fetch_and_skip(d):
+    # fetch(token): a record that is out read again for each (re)send, as ResilientMQTT's
+    # fetch mode asks; None once it cannot go (evicted, or its CRC fails), then skip(token).
+    q = _open(d, capacity_bytes=2048, segment_bytes=512, max_record=100, commit_every=100)
+    for i in range(6):
+        q.append(1, 1, _payload(i, 100 - HEADER))
+    tokens = [q.take()[2] for _ in range(4)]
+    r = {}
+    got = []
+    for t in (tokens[2], tokens[0], tokens[0], tokens[3]):  # any order, twice in a row
+        mv = q.fetch(t)
+        p = bytes(mv)
+        got.append([(p[0] << 8) | p[1], p == _payload((p[0] << 8) | p[1], len(p))])
+    r["fetched"] = got
+    r["fetch_unknown"] = q.fetch(999)
+    # Decay after take(): flip a payload byte of record 1 on flash.
+    name = next(n for n in os.listdir(d) if n.endswith(".seg"))
+    raw = bytearray(_read(d + "/" + name))
+    raw[100 + HEADER + 5] ^= 0xFF
+    _write(d + "/" + name, bytes(raw))
+    q._close_reader()  # a fresh read from flash
+    q._buf_rseq = 0  # ... not the copy in the read buffer
+    r["fetch_decayed"] = q.fetch(tokens[1])
+    r["skip"] = q.skip(tokens[1])
+    r["skip_again"] = q.skip(tokens[1])
+    r["corrupt_lost"] = q.corrupt_lost
+    q.ack(tokens[0])
+    r["delivered_1"] = q.delivered  # 0 and the skipped 1 are done
+    r["depth_1"] = q.depth
+    # Eviction while out: record 2 and 3 still out when their segment goes.
+    for i in range(6, 24):
+        q.append(1, 1, _payload(i, 100 - HEADER))
+    r["drops_evicted"] = list(q.drops)
+    r["fetch_evicted"] = q.fetch(tokens[2])
+    q.skip(tokens[2])  # never sent: stays counted as dropped
+    q.ack(tokens[3])  # its PUBACK came after all: un-counted
+    r["drops_end"] = list(q.drops)
+    rest = []
+    while True:
+        it = q.take()
+        if it is None:
+            break
+        rest.append((it[1][0] << 8) | it[1][1])
+        q.ack(it[2])
+    r["rest_first"] = rest[0]
+    r["depth_end"] = q.depth
+    q.close()
+    return r
+
+
 def scenario_write_amplification(d):
     # Realistic traffic: ~270-byte events, each delivered right after it was written.
     q = FlashQueue(d, 262144, 16384, 32, 0, 2048)
@@ -516,6 +566,21 @@ def test_in_flight_window_take_and_ack(interp: str, tmp_path: Path) -> None:
     assert r["drops_end"] == [0, 0, 0]
     assert r["rest"] == list(range(8, 22)) and r["depth_end"] == 0
     assert r["drops_reopened"] == [0, 0, 0] and r["depth_reopened"] == 0
+
+
+@pytest.mark.parametrize("interp", INTERPRETERS)
+def test_fetch_reads_out_records_again_and_skip_accounts_for_the_lost(interp: str, tmp_path: Path) -> None:
+    r = run(interp, scenario_fetch_and_skip, tmp_path)
+    assert r["fetched"] == [[2, True], [0, True], [0, True], [3, True]]
+    assert r["fetch_unknown"] is None
+    assert r["fetch_decayed"] is None and r["skip"] is True and r["skip_again"] is False
+    assert r["corrupt_lost"] == 1
+    assert r["delivered_1"] == 2 and r["depth_1"] == 4  # records 2-5 wait
+    # The segment holding records 0-4 went with 2, 3 (out) and 4 (waiting) in it.
+    assert r["drops_evicted"] == [0, 3, 0]
+    assert r["fetch_evicted"] is None
+    assert r["drops_end"] == [0, 2, 0]  # 2 and 4 lost; 3 delivered after all
+    assert r["depth_end"] == 0 and r["rest_first"] > 4
 
 
 @pytest.mark.parametrize("interp", INTERPRETERS)

@@ -164,6 +164,46 @@ def test_resubscribes_when_the_broker_kept_no_session() -> None:
     assert subscribes == [0, 2]  # first connect of this boot; then whenever no session was kept
 
 
+def test_hold_keeps_messages_back_across_a_reconnect_and_every_connect_resubscribes() -> None:
+    # The node holds its queue while the gateway is offline: nothing handed in goes, not even
+    # the DUP resend after a reconnect, while the birth, the subscriptions and publish_now()
+    # do. every_connect=True subscribes again on a kept session too (the broker sends a
+    # retained message only in answer to a SUBSCRIBE).
+    # Connection 0: the birth acked, m0 not; the third QoS 1 PUBLISH (publish_now) hangs up.
+    plans = [Plan(ack=lambda n: n != 2, hang_up_after=3), Plan(session_present=True)]
+    with FakeBroker(plans) as broker:
+        c = MQTTClient("n1", "127.0.0.1", broker.port, max_inflight=4)
+        r = ResilientMQTT(c, backoff_min_ms=10, backoff_max_ms=20)
+        acks: list[int] = []
+        r.on_ack = acks.append
+        r.set_birth("b", b"up")
+        r.subscribe("gw/state", 1, every_connect=True)
+        r.subscribe("cmd/#", 1)
+        assert r.send("t", b"m0", 0)
+        drive(r, lambda: c.inflight == 1 and r.connected)  # m0 out, unacknowledged
+        r.hold = True
+        assert r.send("t", b"m1", 1)
+        assert r.publish_now("q", b"tq")  # QoS 0 goes while held
+        assert r.publish_now("q", b"x", qos=1)  # ... and QoS 1: the broker hangs up on it
+        drive(r, lambda: r.connects == 2 and r.connected)
+        t_end = time.monotonic() + 0.3
+        while time.monotonic() < t_end:
+            r.service(20)
+        assert acks == [] and r.unacked == 2
+        r.hold = False
+        drive(r, lambda: acks == [0, 1])
+        packets = broker.take_until(lambda i, p: i == 1 and p.endswith(b"m1"))
+    first = [p for i, p in packets if i == 0]
+    second = [p for i, p in packets if i == 1]
+    assert b"\x30\x05\x00\x01qtq" in first
+    subs = [p for p in second if p[0] == 0x82]
+    assert len(subs) == 1 and subs[0].endswith(b"\x00\x08gw/state\x01")  # kept session: only that one
+    ring = [p for p in second if p[0] & 0xF0 == 0x30 and p[0] != 0x33 and p[4:5] == b"t"]
+    # Sent only once the hold was lifted: m0 again with DUP and its packet id, then m1.
+    assert ring[0] == b"\x3a\x07\x00\x01t\x00\x04m0"  # packet ids 1, 2: SUBSCRIBEs; 3: the birth
+    assert ring[1][0] == 0x32 and ring[1].endswith(b"m1") and len(ring) == 2
+
+
 def test_backoff_doubles_with_jitter_and_stays_bounded() -> None:
     s = socket.create_server(("127.0.0.1", 0))
     port = s.getsockname()[1]

@@ -8,9 +8,8 @@ from array import array
 import numpy as np
 import pytest
 from edgeline.firmware.edgeline_node import features, identity
-from edgeline.firmware.edgeline_node.config import ConfigError, validate
+from edgeline.firmware.edgeline_node.config import ConfigError, changed, overlay, validate
 from edgeline.firmware.edgeline_node.hal_sim import SimulatedMachine
-from edgeline.firmware.edgeline_node.ram_queue import RamQueue
 from edgeline.firmware.edgeline_node.spc import ControlChart
 
 from micropython_runner import run_micropython
@@ -58,16 +57,6 @@ def test_simulated_bearing_fault_raises_vibration_rms() -> None:
         m.set_fault("gremlins")
 
 
-def test_ram_queue_bounded_and_counts_drops() -> None:
-    q = RamQueue(3)
-    for i in range(5):
-        q.append(1, bytes([i]))
-    assert q.depth == 3 and q.drops == 2
-    assert q.peek() == (1, b"\x02")
-    q.pop()
-    assert q.peek() == (1, b"\x03")
-
-
 def test_boot_id_persists_and_increments(tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = str(tmp_path / "state" / "deep")
     assert [identity.next_boot_id(d) for _ in range(3)] == [1, 2, 3]
@@ -85,6 +74,11 @@ def test_boot_id_persists_and_increments(tmp_path) -> None:  # type: ignore[no-u
         (GOOD | {"spc": {"k_sigma": "3"}}, "spc.k_sigma"),
         (GOOD | {"colour": "blue"}, "colour"),
         (GOOD | {"hal": {"kind": "esp32-adc"}}, "hal.kind"),
+        (GOOD | {"window": {"period_ms": 5}}, "window.period_ms"),
+        (GOOD | {"window": {"period_ms": True}}, "window.period_ms"),
+        (GOOD | {"broker": {"inflight": 0}}, "broker.inflight"),
+        (GOOD | {"southbound": {"key": ""}}, "southbound.key"),
+        (GOOD | {"southbound": {"max_model_bytes": 10}}, "southbound.max_model_bytes"),
     ],
 )
 def test_config_errors_name_the_key(cfg: dict[str, object], key: str) -> None:
@@ -106,3 +100,20 @@ def test_config_errors_name_the_key_under_micropython() -> None:
     assert len(lines) == len(cases)
     for line, (_cfg, key) in zip(lines, cases, strict=True):
         assert repr(key) in line
+
+
+def test_period_0_means_as_fast_as_possible() -> None:
+    assert validate(GOOD | {"window": {"period_ms": 0}})["window"]["period_ms"] == 0
+
+
+def test_a_config_push_is_an_overlay_validated_as_a_whole() -> None:
+    cfg = validate(GOOD)
+    patch = {"spc": {"k_sigma": 4.5}, "telemetry_every": 3, "broker": {"keepalive": 60}}
+    merged = validate(overlay(cfg, patch))
+    assert merged["spc"] == {"calibration": 20, "k_sigma": 4.5, "run": 2}
+    assert cfg["spc"]["k_sigma"] == 3.0  # the running config is not changed by overlay()
+    assert changed(cfg, merged) == ["broker.keepalive", "spc.k_sigma", "telemetry_every"]
+    with pytest.raises(ConfigError, match=r"spc\.k_sigma"):
+        validate(overlay(cfg, {"spc": {"k_sigma": -1}}))
+    with pytest.raises(ConfigError, match="colour"):
+        validate(overlay(cfg, {"colour": "blue"}))
