@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ns.set_defaults(func=_node_sim)
 
+    from edgeline.hil.bench_node import add_node_bench
     from edgeline.hil.deploy import add_parser as add_deploy_parser
     from edgeline.host.bench_gateway import add_gateway_bench
     from edgeline.host.opcua_security import add_parser as add_opcua_parser
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_what", required=True)
     add_node_model_bench(bench_sub)
     add_gateway_bench(bench_sub)
+    add_node_bench(bench_sub)
     return p
 
 
