@@ -214,6 +214,8 @@ class Gateway:
             for info in infos:
                 with contextlib.suppress(Exception):
                     await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 2.0)
+            # paho's loop runs once more after the disconnect and logs that at ERROR: not news.
+            self._mqtt.disable_logger()
             self._mqtt.disconnect()
         self._mqtt.loop_stop()
         if self.uplinker is not None:
