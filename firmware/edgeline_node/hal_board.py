@@ -112,11 +112,14 @@ class BoardHAL:
             return m.I2C(c["id"], freq=c["freq"])
         return m.I2C(c["id"], scl=m.Pin(c["scl"]), sda=m.Pin(c["sda"]), freq=c["freq"])
 
+    # Abstract: ESP32HAL and RP2040HAL implement both (their ADCs differ in API and range).
     def _make_adc(self, pin):
-        raise NotImplementedError
+        raise NotImplementedError("%s must implement _make_adc: BoardHAL is only the shared part"
+                                  % type(self).__name__)
 
     def _adc_volts(self):
-        raise NotImplementedError
+        raise NotImplementedError("%s must implement _adc_volts: BoardHAL is only the shared part"
+                                  % type(self).__name__)
 
     # -- set-up -------------------------------------------------------------------------------
     def _index(self, name):
