@@ -1,5 +1,6 @@
 """Test helpers for the gateway's OPC-UA security: a PKI folder with users and client identities,
-and the messages a node sends (birth, scored window, death) for driving `Gateway.handle`."""
+and the births and scored windows of the machines these tests watch (built with wire_messages),
+for driving `Gateway.handle`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cbor2
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host.gateway import Gateway, GatewayConfig
 from edgeline.host.opcua_alarms import AlarmConfig
@@ -23,6 +23,8 @@ from edgeline.host.opcua_security import (
 from edgeline.host.opcua_server import OpcuaServer
 from edgeline.host.opcua_watch import ClientCredentials
 from edgeline.host.ports import free_tcp_port
+
+import wire_messages
 
 PASSWORDS = {"olga": "operator-pw-1", "victor": "viewer-pw-2"}
 
@@ -97,24 +99,9 @@ SENSORS = {"vibration": ("g", ["mean", "rms"]), "current": ("A", ["mean", "rms"]
 def birth(
     node: str, machine: str, boot: int = 1, sensors: tuple[str, ...] = ("vibration", "current")
 ) -> bytes:
-    return cbor2.dumps(
-        {
-            w.K_V: w.SCHEMA_VERSION,
-            w.K_KIND: w.KIND_BIRTH,
-            w.K_NODE: node,
-            w.K_BOOT: boot,
-            w.K_FW: "test",
-            w.K_MODEL_SHA: None,
-            w.K_SENSORS: [[name, *SENSORS[name]] for name in sensors],
-            w.K_SITE: SITE,
-            w.K_LINE: LINE,
-            w.K_MACHINE: machine,
-        }
+    return wire_messages.birth(
+        node, machine, site=SITE, line=LINE, boot=boot, sensors=[(name, *SENSORS[name]) for name in sensors]
     )
-
-
-def death(node: str, boot: int = 1) -> bytes:
-    return cbor2.dumps({w.K_V: w.SCHEMA_VERSION, w.K_KIND: w.KIND_DEATH, w.K_NODE: node, w.K_BOOT: boot})
 
 
 def trace_of(node: str, seq: int) -> bytes:
@@ -127,21 +114,15 @@ def window(
     """A scored window: `score` on the first sensor (0.5 on the others); features [0.1 * seq, score]."""
     anomaly = score > 3.0
     first = sensors[0]
-    return cbor2.dumps(
-        {
-            w.K_V: w.SCHEMA_VERSION,
-            w.K_KIND: w.KIND_EVT,
-            w.K_NODE: node,
-            w.K_BOOT: boot,
-            w.K_SEQ: seq,
-            w.K_TRACE: trace_of(node, seq),
-            w.K_SPAN: bytes(range(1, 9)),
-            w.K_T_WALL: time.time_ns() // 1000,
-            w.K_T_MONO: seq,
-            w.K_FEATURES: {s: [0.1 * seq, score if s == first else 0.5] for s in sensors},
-            w.K_SCORES: {s: score if s == first else 0.5 for s in sensors},
-            w.K_ANOMALY: anomaly,
-            w.K_CAUSES: [first] if anomaly else [],
-            w.K_DETECTOR: "spc",
-        }
+    return wire_messages.event(
+        node,
+        seq,
+        boot=boot,
+        trace=trace_of(node, seq),
+        t_wall_us=time.time_ns() // 1000,
+        t_mono_us=seq,
+        features={s: [0.1 * seq, score if s == first else 0.5] for s in sensors},
+        scores={s: score if s == first else 0.5 for s in sensors},
+        anomaly=anomaly,
+        causes=[first] if anomaly else [],
     )

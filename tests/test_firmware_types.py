@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from edgeline.hil import deploy
@@ -115,12 +116,14 @@ def mypy() -> str:
     return exe
 
 
-@pytest.mark.parametrize("stub_key", sorted(STUBS))
-def test_firmware_type_checks_against_the_board_stubs(stub_key: str, tmp_path: Path) -> None:
-    package, version, platform, boards = STUBS[stub_key]
+def mypy_on_board(
+    stub_key: str, tmp_path: Path, targets: list[str], **run: Any
+) -> subprocess.CompletedProcess[str]:
+    """mypy (settings: INI) on `targets` as board `stub_key` sees them: against its stub
+    package laid out as the typeshed, for its sys.platform. `run`: more for subprocess.run."""
+    package, version, platform, _ = STUBS[stub_key]
     typeshed = typeshed_from(installed_stubs(package, version), tmp_path / "typeshed")
-    files = sorted({str(src.relative_to(FIRMWARE)) for b in boards for src, _ in deploy.board_files(b)})
-    r = subprocess.run(
+    return subprocess.run(
         [
             mypy(),
             "--config-file",
@@ -131,12 +134,24 @@ def test_firmware_type_checks_against_the_board_stubs(stub_key: str, tmp_path: P
             platform,
             "--cache-dir",
             str(tmp_path / ".mypy"),
-            *files,
+            *targets,
         ],
-        cwd=FIRMWARE,
         capture_output=True,
         text=True,
         timeout=600,
+        **run,
+    )
+
+
+@pytest.mark.parametrize("stub_key", sorted(STUBS))
+def test_firmware_type_checks_against_the_board_stubs(stub_key: str, tmp_path: Path) -> None:
+    package, version, _, boards = STUBS[stub_key]
+    files = sorted({str(src.relative_to(FIRMWARE)) for b in boards for src, _ in deploy.board_files(b)})
+    r = mypy_on_board(
+        stub_key,
+        tmp_path,
+        files,
+        cwd=FIRMWARE,
         env={k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")},
     )
     last = (r.stdout.strip().splitlines() or [""])[-1]
@@ -165,8 +180,6 @@ def test_firmware_type_checks_against_the_board_stubs(stub_key: str, tmp_path: P
 
 def test_the_check_sees_board_apis_and_refuses_cpython_only_ones(tmp_path: Path) -> None:
     """A check that cannot fail proves nothing: feed it code that is wrong on a board."""
-    package, version, platform, _ = STUBS["esp32"]
-    typeshed = typeshed_from(installed_stubs(package, version), tmp_path / "typeshed")
     bad = tmp_path / "bad.py"
     bad.write_text(
         "import time\nimport machine\n"
@@ -176,23 +189,7 @@ def test_the_check_sees_board_apis_and_refuses_cpython_only_ones(tmp_path: Path)
         "i2c.readfrom_mem_into(0x53, 0x32, bytearray(6), 8)\n"  # addrsize is keyword-only
         "import threading\n"  # no such module on the board
     )
-    r = subprocess.run(
-        [
-            mypy(),
-            "--config-file",
-            str(INI),
-            "--custom-typeshed-dir",
-            str(typeshed),
-            "--platform",
-            platform,
-            "--cache-dir",
-            str(tmp_path / ".mypy"),
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = mypy_on_board("esp32", tmp_path, [str(bad)])
     assert r.returncode == 1
     assert 'Module has no attribute "monotonic_ns"' in r.stdout
     assert 'Too many positional arguments for "readfrom_mem_into"' in r.stdout

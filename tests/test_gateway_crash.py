@@ -13,59 +13,32 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import cbor2
-import paho.mqtt.client as mqtt
 import pytest
-from edgeline.firmware.edgeline_node import wire as w
 from edgeline.hil.mosquitto import MosquittoProcess
 from edgeline.host.ports import free_tcp_port
 from edgeline.host.uplink import decode_record
-from paho.mqtt.enums import CallbackAPIVersion
+
+from wire_messages import Collector, birth, disconnect, event, publisher
 
 N_EVENTS = 10_000
 NODES = [f"n{i}" for i in range(10)]
 
 
-def _birth(node: str) -> bytes:
-    return cbor2.dumps(
-        {
-            w.K_V: 1,
-            w.K_KIND: w.KIND_BIRTH,
-            w.K_NODE: node,
-            w.K_BOOT: 1,
-            w.K_FW: "test",
-            w.K_MODEL_SHA: None,
-            w.K_SENSORS: [["vibration", "g", ["mean", "rms"]]],
-            w.K_SITE: "s1",
-            w.K_LINE: "l1",
-            w.K_MACHINE: f"m-{node}",
-        }
-    )
-
-
 def _event(node: str, seq: int) -> bytes:
-    return cbor2.dumps(
-        {
-            w.K_V: 1,
-            w.K_KIND: w.KIND_EVT,
-            w.K_NODE: node,
-            w.K_BOOT: 1,
-            w.K_SEQ: seq,
-            w.K_TRACE: os.urandom(16),
-            w.K_SPAN: os.urandom(8),
-            w.K_T_WALL: time.time_ns() // 1000,
-            w.K_T_MONO: seq,
-            w.K_FEATURES: {"vibration": [0.0, 1.0]},
-            w.K_SCORES: {"vibration": 0.5},
-            w.K_ANOMALY: seq % 97 == 0,
-            w.K_CAUSES: ["vibration"] if seq % 97 == 0 else [],
-            w.K_DETECTOR: "spc",
-        }
+    anomaly = seq % 97 == 0
+    return event(
+        node,
+        seq,
+        trace=os.urandom(16),
+        span=os.urandom(8),
+        t_wall_us=time.time_ns() // 1000,
+        t_mono_us=seq,
+        anomaly=anomaly,
+        causes=["vibration"] if anomaly else [],
     )
 
 
@@ -142,29 +115,20 @@ def test_gateway_sigkill_mid_stream_processes_each_event_once(tmp_path: Path) ->
         )
         db = state / "gateway.sqlite3"
 
-        seen: list[tuple[str, int, int]] = []
-        lock = threading.Lock()
-
-        def on_up(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-            with lock:
-                seen.append(decode_record(bytes(msg.payload)).identity)
-
-        up = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="t-up")
-        up.on_message = on_up
-        up.connect("127.0.0.1", upstream.port)
-        up.subscribe("edgeline/v1/uplink/#", qos=1)
-        up.loop_start()
+        # (node, boot, seq) of each uplink record
+        up = Collector(
+            "127.0.0.1", upstream.port, "t-up", "edgeline/v1/uplink/#", lambda p: decode_record(p).identity
+        )
+        seen: list[tuple[str, int, int]] = up.messages
 
         gw = _GatewayProc(cfg, tmp_path / "gateway.log")
-        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="t-pub")
-        pub.max_inflight_messages_set(200)
-        pub.connect("127.0.0.1", ingest.port)
-        pub.loop_start()
+        pub = publisher("127.0.0.1", ingest.port, "t-pub", max_inflight=200)
         try:
             gw.start()
             _wait(lambda: db.exists() and "gateway up" in gw.log.read_text(), 30, "the gateway to start")
             for n in NODES:
-                pub.publish(f"edgeline/v1/s1/{n}/birth", _birth(n), qos=1, retain=True).wait_for_publish(5)
+                birth_topic = f"edgeline/v1/s1/{n}/birth"
+                pub.publish(birth_topic, birth(n, f"m-{n}"), qos=1, retain=True).wait_for_publish(5)
             killed_at = None
             infos = []
             for i in range(N_EVENTS):
@@ -188,13 +152,11 @@ def test_gateway_sigkill_mid_stream_processes_each_event_once(tmp_path: Path) ->
             processed = _processed(db)
         finally:
             gw.stop()
-            pub.loop_stop()
-            pub.disconnect()
-            up.loop_stop()
-            up.disconnect()
+            disconnect(pub)
+            up.close()
 
         assert processed == N_EVENTS, f"processed {processed}, sent {N_EVENTS} (killed at {killed_at})"
-        with lock:
+        with up.lock:
             unique = set(seen)
         expected = {(NODES[i % len(NODES)], 1, i // len(NODES) + 1) for i in range(N_EVENTS)}
         assert unique == expected

@@ -13,7 +13,6 @@ import asyncio
 import os
 import random
 import struct
-import threading
 import time
 import zlib
 from collections import Counter
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-import paho.mqtt.client as mqtt
 import pytest
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.hil.mosquitto import MosquittoProcess
@@ -32,7 +30,8 @@ from edgeline.host.machine_state import MachineState
 from edgeline.host.ports import free_tcp_port
 from edgeline.host.virtual_node import VirtualNode
 from edgeline.host.wire import Event
-from paho.mqtt.enums import CallbackAPIVersion
+
+from wire_messages import Collector
 
 SITE = "sf"
 NODE = "sf-1"
@@ -71,8 +70,9 @@ class Accepted:
         return [(b, s) for b, s, _k, _a in self.events]
 
 
-def gateway(host: str, port: int, state_dir: Path | None = None) -> Gateway:
-    return Gateway(
+def gateway(host: str, port: int, acc: Accepted, state_dir: Path | None = None) -> Gateway:
+    """A gateway (not started yet) that reports what it accepts to `acc`."""
+    gw = Gateway(
         GatewayConfig(
             broker_host=host,
             broker_port=port,
@@ -81,6 +81,8 @@ def gateway(host: str, port: int, state_dir: Path | None = None) -> Gateway:
             state_dir=str(state_dir) if state_dir else None,
         )
     )
+    gw.event_listeners.append(acc)
+    return gw
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -188,8 +190,7 @@ def test_sigkill_50_times_loses_nothing_and_delivers_once(broker: Any, tmp_path:
     injected: list[tuple[int, int]] = []  # (life index that must find it, bytes)
 
     async def scenario() -> Gateway:
-        gw = gateway(broker.host, broker.port)
-        gw.event_listeners.append(acc)
+        gw = gateway(broker.host, broker.port, acc)
         await gw.start()
         try:
             for k in range(KILLS):
@@ -258,22 +259,30 @@ async def _run_steady(vn: VirtualNode, seconds: float) -> None:
     assert vn.alive(), f"node died: {vn.stderr_tail[-5:]}"
 
 
+async def _start_for_outage(
+    mosquitto: MosquittoProcess, tmp_path: Path, acc: Accepted, lives: list[VirtualNode]
+) -> tuple[Gateway, VirtualNode]:
+    """The outage tests' start: a gateway (state in tmp_path/gw) reporting to `acc`, and a
+    node (one more of `lives`) measuring every 50 ms with 1 MiB of flash for its queue."""
+    gw = gateway(mosquitto.host, mosquitto.port, acc, tmp_path / "gw")
+    await gw.start()
+    cfg = node_config(mosquitto.host, mosquitto.port, period_ms=50, queue={"capacity_bytes": 1048576})
+    vn = VirtualNode(cfg, tmp_path / "node")
+    vn.start()
+    lives.append(vn)
+    return gw, vn
+
+
 @pytest.mark.slow
 @pytest.mark.micropython
 def test_broker_down_60_s_nothing_lost(mosquitto: MosquittoProcess, tmp_path: Path) -> None:
     # Mosquitto only: the test restarts the broker process on the same port (stop/start),
     # which the embedded amqtt broker thread does not offer.
-    cfg = node_config(mosquitto.host, mosquitto.port, period_ms=50, queue={"capacity_bytes": 1048576})
     acc = Accepted()
     lives: list[VirtualNode] = []
 
     async def scenario() -> tuple[Gateway, dict[str, Any]]:
-        gw = gateway(mosquitto.host, mosquitto.port, tmp_path / "gw")
-        gw.event_listeners.append(acc)
-        await gw.start()
-        vn = VirtualNode(cfg, tmp_path / "node")
-        vn.start()
-        lives.append(vn)
+        gw, vn = await _start_for_outage(mosquitto, tmp_path, acc, lives)
         try:
             await wait_until(lambda: vn.last("gateway") is not None, 15, "the node to see the gateway")
             await _run_steady(vn, 3)
@@ -302,11 +311,13 @@ def test_broker_down_60_s_nothing_lost(mosquitto: MosquittoProcess, tmp_path: Pa
     stopped = lives[0].last("stopped")
     assert stopped is not None and stopped["queue"] == 0 and stopped["drops"] == {"0": 0, "1": 0, "2": 0}
     assert gw.stats.malformed == 0
-    print(f"\nbroker down {OUTAGE_S:.0f} s: {info['logged_during']} records measured meanwhile, "
-          f"{counts['accepted']} accepted once, queue drained {info['drain_s']:.1f} s after the broker "
-          f"came back; duplicates dropped {gw.stats.duplicates}; write amplification "
-          f"{stopped['write_amplification']:.3f} ({stopped['bytes_written']} bytes written for "
-          f"{stopped['payload_bytes']} payload bytes)")
+    print(
+        f"\nbroker down {OUTAGE_S:.0f} s: {info['logged_during']} records measured meanwhile, "
+        f"{counts['accepted']} accepted once, queue drained {info['drain_s']:.1f} s after the broker "
+        f"came back; duplicates dropped {gw.stats.duplicates}; write amplification "
+        f"{stopped['write_amplification']:.3f} ({stopped['bytes_written']} bytes written for "
+        f"{stopped['payload_bytes']} payload bytes)"
+    )
 
 
 @pytest.mark.slow
@@ -315,17 +326,11 @@ def test_gateway_down_60_s_nothing_lost(mosquitto: MosquittoProcess, tmp_path: P
     # Mosquitto only: the gateway's persistent session (what nodes publish before they learn
     # it is gone is kept for it by the broker) is what amqtt does not keep for anonymous
     # clients (DESIGN.md, measured facts).
-    cfg = node_config(mosquitto.host, mosquitto.port, period_ms=50, queue={"capacity_bytes": 1048576})
     acc = Accepted()
     lives: list[VirtualNode] = []
 
     async def scenario() -> tuple[list[Gateway], dict[str, Any]]:
-        gw = gateway(mosquitto.host, mosquitto.port, tmp_path / "gw")
-        gw.event_listeners.append(acc)
-        await gw.start()
-        vn = VirtualNode(cfg, tmp_path / "node")
-        vn.start()
-        lives.append(vn)
+        gw, vn = await _start_for_outage(mosquitto, tmp_path, acc, lives)
         gws = [gw]
         try:
             await wait_until(lambda: vn.last("gateway") is not None, 15, "the node to see the gateway")
@@ -336,14 +341,17 @@ def test_gateway_down_60_s_nothing_lost(mosquitto: MosquittoProcess, tmp_path: P
             await _run_steady(vn, OUTAGE_S)
             held = await status(vn)
             during = len(vn.events("logged")) - n0
-            gw2 = gateway(mosquitto.host, mosquitto.port, tmp_path / "gw")  # same id, same state
-            gw2.event_listeners.append(acc)
+            gw2 = gateway(mosquitto.host, mosquitto.port, acc, tmp_path / "gw")  # same id, same state
             gws.append(gw2)
             await gw2.start()
             t_back = time.monotonic()
             await drained(vn, acc, lambda: logged_keys(lives), timeout=120)
-            info = {"logged_during": during, "held": held["queue"], "drain_s": time.monotonic() - t_back,
-                    "connected": held["connected"]}
+            info = {
+                "logged_during": during,
+                "held": held["queue"],
+                "drain_s": time.monotonic() - t_back,
+                "connected": held["connected"],
+            }
             await asyncio.to_thread(vn.stop)
             await gw2.drain()
         finally:
@@ -362,33 +370,14 @@ def test_gateway_down_60_s_nothing_lost(mosquitto: MosquittoProcess, tmp_path: P
     stopped = lives[0].last("stopped")
     assert stopped is not None and stopped["queue"] == 0 and stopped["drops"] == {"0": 0, "1": 0, "2": 0}
     assert all(g.stats.malformed == 0 for g in gws)
-    print(f"\ngateway down {OUTAGE_S:.0f} s: {info['held']} records held on the node, {counts['accepted']} "
-          f"accepted once, drained {info['drain_s']:.1f} s after the gateway came back; write amplification "
-          f"{stopped['write_amplification']:.3f}")
+    print(
+        f"\ngateway down {OUTAGE_S:.0f} s: {info['held']} records held on the node, {counts['accepted']} "
+        f"accepted once, drained {info['drain_s']:.1f} s after the gateway came back; write amplification "
+        f"{stopped['write_amplification']:.3f}"
+    )
 
 
 # --- a full queue ---------------------------------------------------------------------------
-
-
-class BirthWatcher:
-    """A paho subscriber keeping every birth the node publishes (drop counters inside)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.births: list[dict[int, Any]] = []
-        self._lock = threading.Lock()
-        self.c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="sf-births")
-        self.c.on_message = self._on_message
-        self.c.connect(host, port)
-        self.c.subscribe(w.topic(SITE, NODE, w.KIND_BIRTH), qos=1)
-        self.c.loop_start()
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.births.append(cbor2.loads(msg.payload))
-
-    def close(self) -> None:
-        self.c.loop_stop()
-        self.c.disconnect()
 
 
 @pytest.mark.micropython
@@ -396,10 +385,12 @@ def test_full_queue_drops_telemetry_and_normal_windows_before_anomalies(broker: 
     # 16 KiB of flash in 4 KiB segments: about 57 records. No gateway at first, so the node
     # holds everything: normal traffic overflows the queue, then a burst of anomalies (a
     # bearing fault, switched off again), then more normal traffic; then the gateway comes.
-    cfg = node_config(broker.host, broker.port, period_ms=30,
-                      queue={"capacity_bytes": 16384, "segment_bytes": 4096})
+    cfg = node_config(
+        broker.host, broker.port, period_ms=30, queue={"capacity_bytes": 16384, "segment_bytes": 4096}
+    )
     acc = Accepted()
-    watcher = BirthWatcher(broker.host, broker.port)
+    # Every birth the node publishes (drop counters inside).
+    births = Collector(broker.host, broker.port, "sf-births", w.topic(SITE, NODE, w.KIND_BIRTH), cbor2.loads)
     vn = VirtualNode(cfg, tmp_path / "node")
 
     def prio_logged(p: int) -> int:
@@ -411,12 +402,12 @@ def test_full_queue_drops_telemetry_and_normal_windows_before_anomalies(broker: 
 
     async def scenario() -> Gateway:
         vn.start()
-        gw = gateway(broker.host, broker.port)
-        gw.event_listeners.append(acc)
+        gw = gateway(broker.host, broker.port, acc)
         try:
             await wait_until(lambda: vn.last("connected") is not None, 15, "the node to connect")
-            await wait_until(lambda: dropped(0) > 0 and dropped(1) > 0, 30,
-                             "telemetry and normal windows to be dropped")
+            await wait_until(
+                lambda: dropped(0) > 0 and dropped(1) > 0, 30, "telemetry and normal windows to be dropped"
+            )
             vn.command("fault bearing")
             await wait_until(lambda: prio_logged(2) >= 8, 15, "anomalies")
             vn.command("fault none")
@@ -424,7 +415,7 @@ def test_full_queue_drops_telemetry_and_normal_windows_before_anomalies(broker: 
             await wait_until(lambda: len(vn.events("window")) >= n + 60, 15, "more normal windows")
             assert vn.last("gateway") is None, "no gateway yet: the node must not have seen one"
             await gw.start()
-            await wait_until(lambda: len(watcher.births) >= 2, 15, "a birth for the gateway")
+            await wait_until(lambda: len(births.messages) >= 2, 15, "a birth for the gateway")
             await drained(vn, acc, None, timeout=30)
             await asyncio.to_thread(vn.stop)
             await gw.drain()
@@ -432,7 +423,7 @@ def test_full_queue_drops_telemetry_and_normal_windows_before_anomalies(broker: 
             if vn.alive():
                 await asyncio.to_thread(vn.kill)
             await gw.stop()
-            watcher.close()
+            births.close()
         return gw
 
     gw = asyncio.run(scenario())
@@ -441,7 +432,7 @@ def test_full_queue_drops_telemetry_and_normal_windows_before_anomalies(broker: 
     final = {int(k): v for k, v in stopped["drops"].items()}
     # The birth the gateway got when it came online carries the counters as they were then,
     # and nothing was dropped after it (the queue was draining).
-    birth = watcher.births[-1]
+    birth = births.messages[-1]
     assert birth[w.K_DROPS] == final
     assert final[0] > 0 and final[1] > 0 and final[2] == 0
     # Exact: what was logged and never arrived, plus what was refused at the door, per priority.
@@ -465,5 +456,7 @@ def test_full_queue_drops_telemetry_and_normal_windows_before_anomalies(broker: 
     first_evt = next(i for i, d in enumerate(vn.events("drops")) if d["drops"]["1"] > 0)
     assert first_tel <= first_evt
     assert gw.stats.malformed == 0
-    print(f"\nfull queue on {broker.name}: drops {final} (telemetry, normal, anomaly), "
-          f"{len(anomalies)} anomalies all delivered; birth carried {birth[w.K_DROPS]}")
+    print(
+        f"\nfull queue on {broker.name}: drops {final} (telemetry, normal, anomaly), "
+        f"{len(anomalies)} anomalies all delivered; birth carried {birth[w.K_DROPS]}"
+    )

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import cbor2
 import pytest
 from edgeline.firmware.edgeline_node import features as node_features
-from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host.demo import DEMO_MODEL
 from edgeline.host.gateway import Gateway, GatewayConfig, alarm_score
 from edgeline.host.gateway_scoring import GatewayScorer
 from edgeline.host.ports import free_tcp_port
+
+from wire_messages import birth, event
 
 SENSORS = ("vibration", "temperature", "current")
 HEALTHY = {
@@ -23,40 +23,17 @@ HEALTHY = {
 
 
 def _birth() -> bytes:
-    return cbor2.dumps(
-        {
-            w.K_V: 1,
-            w.K_KIND: w.KIND_BIRTH,
-            w.K_NODE: "n1",
-            w.K_BOOT: 1,
-            w.K_FW: "t",
-            w.K_MODEL_SHA: None,
-            w.K_SENSORS: [[s, "u", list(node_features.FEATURE_NAMES)] for s in SENSORS],
-            w.K_SITE: "s1",
-            w.K_LINE: "l1",
-            w.K_MACHINE: "m1",
-        }
-    )
+    return birth("n1", fw="t", sensors=[(s, "u", node_features.FEATURE_NAMES) for s in SENSORS])
 
 
 def _event(seq: int, feats: dict[str, list[float]]) -> bytes:
-    return cbor2.dumps(
-        {
-            w.K_V: 1,
-            w.K_KIND: w.KIND_EVT,
-            w.K_NODE: "n1",
-            w.K_BOOT: 1,
-            w.K_SEQ: seq,
-            w.K_TRACE: seq.to_bytes(16, "big"),
-            w.K_SPAN: b"\x01" * 8,
-            w.K_T_WALL: 0,
-            w.K_T_MONO: 0,
-            w.K_FEATURES: feats,
-            w.K_SCORES: {s: 0.1 for s in SENSORS},
-            w.K_ANOMALY: False,
-            w.K_CAUSES: [],
-            w.K_DETECTOR: "spc",
-        }
+    return event(
+        "n1",
+        seq,
+        trace=seq.to_bytes(16, "big"),
+        span=b"\x01" * 8,
+        features=feats,
+        scores={s: 0.1 for s in SENSORS},
     )
 
 

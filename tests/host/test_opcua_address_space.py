@@ -15,7 +15,8 @@ from edgeline.host.opcua_watch import connect
 from edgeline.host.ports import free_tcp_port
 from edgeline.host.wire import Event
 
-from opcua_pki import birth, death, gateway, send, window
+from opcua_pki import birth, gateway, send, window
+from wire_messages import death
 
 pytestmark = pytest.mark.timeout(60)
 NS = "urn:edgeline:gateway"

@@ -16,7 +16,8 @@ from edgeline.host.opcua_alarms import AlarmConfig, AlarmManager
 from edgeline.host.opcua_watch import AlarmWatcher, SeenAlarm, connect
 from edgeline.host.wire import Event
 
-from opcua_pki import birth, death, gateway, make_pki, send, trace_of, window
+from opcua_pki import birth, gateway, make_pki, send, trace_of, window
+from wire_messages import death
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -124,26 +124,36 @@ async def start_gateway(broker: Any) -> tuple[Gateway, list[Event]]:
     return gw, got
 
 
+@contextlib.asynccontextmanager
+async def plc_bridged_to_gateway(
+    broker: Any, tmp_path: Path
+) -> AsyncIterator[tuple[FakePlc, Gateway, list[Event], PlcBridge]]:
+    """A fake PLC, a gateway keeping every event it accepts (`got`), and a bridge between them
+    that has delivered the PLC's current values (what it holds when the bridge subscribes:
+    3 events). The bridge and the gateway are stopped on the way out."""
+    async with fake_plc() as plc:
+        gw, got = await start_gateway(broker)
+        bridge = PlcBridge(bridge_config(plc, broker, tmp_path / "state"))
+        try:
+            await bridge.start()
+            await wait_for(lambda: len(got) >= 3, 15, "the initial values")
+            yield plc, gw, got, bridge
+        finally:
+            await bridge.stop()
+            await gw.stop()
+
+
 def series(got: list[Event], node: str, sensor: str) -> list[tuple[float, int]]:
     return [(e.features[sensor][0], e.t_wall_us) for e in got if e.node == node and sensor in e.features]
 
 
 def test_plc_values_arrive_at_the_gateway_in_order(broker: Any, tmp_path: Path) -> None:
-    asyncio.run(asyncio.wait_for(_values_arrive_in_order(broker, tmp_path), 120))
+    asyncio.run(asyncio.wait_for(_values_arrive(broker, tmp_path), 120))
 
 
-async def _values_arrive_in_order(broker: Any, tmp_path: Path) -> None:
-    async with fake_plc() as plc:
-        await _values_arrive(broker, plc, tmp_path)
-
-
-async def _values_arrive(broker: Any, plc: FakePlc, tmp_path: Path) -> None:
-    gw, got = await start_gateway(broker)
-    bridge = PlcBridge(bridge_config(plc, broker, tmp_path / "state"))
-    try:
-        await bridge.start()
-        # The current values first (what the PLC holds when the bridge subscribes).
-        await wait_for(lambda: len(got) >= 3, 15, "the initial values")
+async def _values_arrive(broker: Any, tmp_path: Path) -> None:
+    # The current values first (3 events, waited for), then what is written.
+    async with plc_bridged_to_gateway(broker, tmp_path) as (plc, gw, got, bridge):
         vib = [round(0.1 * i, 3) for i in range(1, 41)]
         temps = [41, 42, 42, 43]  # a repeated value with a new timestamp is a new sample
         for i, v in enumerate(vib):
@@ -182,29 +192,17 @@ async def _values_arrive(broker: Any, plc: FakePlc, tmp_path: Path) -> None:
             "plc-bridge"
         )
         assert bridge.stats.published == len(got)
-    finally:
-        await bridge.stop()
-        await gw.stop()
     # A clean stop publishes the virtual nodes' deaths (retained).
     assert bridge.stats.bad_status == bridge.stats.not_numeric == bridge.stats.dropped == 0
 
 
 def test_bridge_follows_the_plc_through_an_outage(mosquitto: Any, tmp_path: Path) -> None:
     # The outage is the PLC's, not the broker's: one broker is enough here.
-    asyncio.run(asyncio.wait_for(_through_an_outage(mosquitto, tmp_path), 120))
+    asyncio.run(asyncio.wait_for(_outage(mosquitto, tmp_path), 120))
 
 
-async def _through_an_outage(broker: Any, tmp_path: Path) -> None:
-    async with fake_plc() as plc:
-        await _outage(broker, plc, tmp_path)
-
-
-async def _outage(broker: Any, plc: FakePlc, tmp_path: Path) -> None:
-    gw, got = await start_gateway(broker)
-    bridge = PlcBridge(bridge_config(plc, broker, tmp_path / "state"))
-    try:
-        await bridge.start()
-        await wait_for(lambda: len(got) >= 3, 15, "the initial values")
+async def _outage(broker: Any, tmp_path: Path) -> None:
+    async with plc_bridged_to_gateway(broker, tmp_path) as (plc, gw, got, bridge):
         await plc.write("Line1.Pump3.Vib", 1.5, T0, ua.VariantType.Double)
         await wait_for(lambda: len(got) >= 4, 10, "a value before the outage")
 
@@ -227,12 +225,21 @@ async def _outage(broker: Any, plc: FakePlc, tmp_path: Path) -> None:
         pump = [e for e in got if e.node == "plc-pump3"]
         assert [e.seq for e in pump] == list(range(1, len(pump) + 1))  # same boot, seq goes on
         assert bridge.stats.plc_connects == 2 and bridge.stats.plc_losses == 1
-    finally:
-        await bridge.stop()
-        await gw.stop()
 
 
 # -- in-process checks of the value handling (no broker) -----------------------------------------
+def offline_config(state_dir: Path, *points: PlcPoint) -> PlcBridgeConfig:
+    """Machine s/l/m, on a PLC endpoint nothing listens on: the bridge is only constructed."""
+    return PlcBridgeConfig(
+        endpoint="opc.tcp://127.0.0.1:1/",
+        site="s",
+        line="l",
+        machine="m",
+        points=list(points),
+        state_dir=state_dir,
+    )
+
+
 class _Dv:
     def __init__(self, ts: dt.datetime | None, status: int = 0) -> None:
         self.SourceTimestamp = ts
@@ -241,15 +248,7 @@ class _Dv:
 
 
 def test_values_are_checked_and_repeats_skipped(tmp_path: Path) -> None:
-    cfg = PlcBridgeConfig(
-        endpoint="opc.tcp://127.0.0.1:1/",
-        site="s",
-        line="l",
-        machine="m",
-        points=[PlcPoint("ns=2;s=A", "plc-a", "x")],
-        state_dir=tmp_path,
-    )
-    bridge = PlcBridge(cfg)
+    bridge = PlcBridge(offline_config(tmp_path, PlcPoint("ns=2;s=A", "plc-a", "x")))
     sent: list[tuple[str, float, int]] = []
     link = bridge.links["plc-a"]
     link.publish_event = lambda s, v, t, _m: sent.append((s, v, t)) is None  # type: ignore[method-assign]
@@ -278,13 +277,8 @@ def test_events_and_birth_follow_the_wire_format(tmp_path: Path) -> None:
     from edgeline.host import wire
 
     bridge = PlcBridge(
-        PlcBridgeConfig(
-            endpoint="opc.tcp://127.0.0.1:1/",
-            site="s",
-            line="l",
-            machine="m",
-            points=[PlcPoint("ns=2;s=A", "plc-a", "x", "bar"), PlcPoint("ns=2;s=B", "plc-a", "y")],
-            state_dir=tmp_path,
+        offline_config(
+            tmp_path, PlcPoint("ns=2;s=A", "plc-a", "x", "bar"), PlcPoint("ns=2;s=B", "plc-a", "y")
         )
     )
     vn = bridge.nodes["plc-a"]
@@ -309,14 +303,7 @@ def test_boot_id_is_persisted_and_incremented(tmp_path: Path) -> None:
     p = tmp_path / "deep" / "plc-a.boot"
     assert [next_boot_id(p) for _ in range(3)] == [1, 2, 3]
     assert p.read_text().strip() == "3"
-    cfg = PlcBridgeConfig(
-        endpoint="opc.tcp://127.0.0.1:1/",
-        site="s",
-        line="l",
-        machine="m",
-        points=[PlcPoint("ns=2;s=A", "plc-a", "x")],
-        state_dir=tmp_path / "deep",
-    )
+    cfg = offline_config(tmp_path / "deep", PlcPoint("ns=2;s=A", "plc-a", "x"))
     assert PlcBridge(cfg).nodes["plc-a"].boot == 4  # a bridge start is a boot
 
 

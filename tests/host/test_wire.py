@@ -9,27 +9,23 @@ import pytest
 from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host import wire
 
+from wire_messages import birth_map, event_map
+
 TOPIC = wire.parse_topic("edgeline/v1/plant-a/node-1/evt")
 
 
 def event() -> dict[int, Any]:
-    m: dict[int, Any] = {
-        w.K_V: 1,
-        w.K_KIND: w.KIND_EVT,
-        w.K_NODE: "node-1",
-        w.K_BOOT: 3,
-        w.K_SEQ: 7,
-        w.K_TRACE: bytes(range(1, 17)),
-        w.K_SPAN: bytes(range(1, 9)),
-        w.K_T_WALL: 1_700_000_000_000_000,
-        w.K_T_MONO: 12345,
-        w.K_FEATURES: {"vibration": [0.1, 0.2, 0.3, 0.9, 3.0]},
-        w.K_SCORES: {"vibration": 4.2},
-        w.K_ANOMALY: True,
-        w.K_CAUSES: ["vibration"],
-        w.K_DETECTOR: "spc",
-    }
-    return m
+    return event_map(
+        "node-1",
+        7,
+        boot=3,
+        t_wall_us=1_700_000_000_000_000,
+        t_mono_us=12345,
+        features={"vibration": [0.1, 0.2, 0.3, 0.9, 3.0]},
+        scores={"vibration": 4.2},
+        anomaly=True,
+        causes=["vibration"],
+    )
 
 
 def test_good_event_parses() -> None:
@@ -107,20 +103,9 @@ def test_bad_topics(topic: str) -> None:
 
 def test_birth_roundtrip() -> None:
     t = wire.parse_topic("edgeline/v1/plant-a/node-1/birth")
-    m = {
-        w.K_V: 1,
-        w.K_KIND: w.KIND_BIRTH,
-        w.K_NODE: "node-1",
-        w.K_BOOT: 1,
-        w.K_FW: "0.1.0",
-        w.K_MODEL_SHA: None,
-        w.K_SENSORS: [["vibration", "g", ["mean", "rms"]]],
-        w.K_SITE: "plant-a",
-        w.K_LINE: "line-1",
-        w.K_MACHINE: "pump-01",
-        w.K_DROPS: {0: 0},
-        w.K_WINDOW: [1000, 256],
-    }
+    m = birth_map(
+        "node-1", "pump-01", site="plant-a", line="line-1", fw="0.1.0", drops={0: 0}, window=[1000, 256]
+    )
     b = wire.parse_birth(wire.decode(cbor2.dumps(m)), t)
     assert (b.site, b.line, b.machine) == ("plant-a", "line-1", "pump-01")
     m[w.K_SITE] = "plant-b"

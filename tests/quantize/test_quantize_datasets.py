@@ -8,17 +8,6 @@ import numpy as np
 import pytest
 from edgeline.quantize import datasets as ds
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
-@pytest.fixture(scope="module")
-def shared() -> Path:
-    if not (SHARED / "datasets" / "skab").is_dir():
-        pytest.fail(
-            f"the benchmark data are missing: expected {SHARED.resolve()}/datasets (the shared folder)"
-        )
-    return SHARED
-
 
 @pytest.fixture(scope="module")
 def skab(shared: Path) -> list[ds.SkabFile]:

@@ -25,15 +25,6 @@ from edgeline.quantize.tflite_reader import read_tflite
 from edgeline.quantize.tflite_writer import write_tflite
 from edgeline.quantize.tune import SELECTED_CONFIG
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
-@pytest.fixture(scope="module")
-def shared() -> Path:
-    if not (SHARED / "datasets" / "skab").is_dir():
-        pytest.fail(f"the benchmark data are missing: expected {SHARED.resolve()}/datasets")
-    return SHARED
-
 
 @pytest.fixture(scope="module")
 def result(shared: Path) -> dict[str, Any]:

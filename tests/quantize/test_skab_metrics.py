@@ -12,8 +12,6 @@ import pytest
 from edgeline.quantize import datasets as ds
 from edgeline.quantize import skab_eval as se
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-
 
 def test_point_metrics_by_hand() -> None:
     c = se.Confusion.of(np.array([1, 1, 1, 0, 0, 0]), np.array([1, 0, 1, 1, 0, 0]))
@@ -101,10 +99,8 @@ def test_nab_perfect_and_null_by_hand() -> None:
 
 
 @pytest.fixture(scope="module")
-def skab() -> list[ds.SkabFile]:
-    if not (SHARED / "datasets" / "skab").is_dir():
-        pytest.fail(f"the benchmark data are missing: expected {SHARED.resolve()}/datasets")
-    return ds.load_skab(SHARED)
+def skab(shared: Path) -> list[ds.SkabFile]:
+    return ds.load_skab(shared)
 
 
 def _tests(skab: list[ds.SkabFile]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

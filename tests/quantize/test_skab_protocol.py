@@ -13,15 +13,6 @@ from edgeline.quantize import datasets as ds
 from edgeline.quantize import skab_eval as se
 from edgeline.quantize.tune import SELECTED_CONFIG, evaluate_skab
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
-@pytest.fixture(scope="module")
-def shared() -> Path:
-    if not (SHARED / "datasets" / "skab").is_dir():
-        pytest.fail(f"the benchmark data are missing: expected {SHARED.resolve()}/datasets")
-    return SHARED
-
 
 @pytest.fixture(scope="module")
 def result(shared: Path) -> dict[str, Any]:

@@ -8,13 +8,9 @@ import pytest
 from edgeline.quantize import tune
 from edgeline.quantize.skab_eval import SkabConfig
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
-
 
 @pytest.mark.slow
-def test_tune_chooses_the_selected_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not (SHARED / "datasets" / "skab").is_dir():
-        pytest.fail(f"the benchmark data are missing: expected {SHARED.resolve()}/datasets")
+def test_tune_chooses_the_selected_config(shared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded: list[tuple[str, ...]] = []
     real_load = tune.load_skab
 
@@ -23,7 +19,7 @@ def test_tune_chooses_the_selected_config(monkeypatch: pytest.MonkeyPatch) -> No
         return real_load(shared_dir, groups)
 
     monkeypatch.setattr(tune, "load_skab", spy)
-    r = tune.tune_skab(SHARED, evaluate=False)
+    r = tune.tune_skab(shared, evaluate=False)
     assert loaded == [("valve1", "other")]
     assert SkabConfig.from_dict(r["selected"]) == tune.SELECTED_CONFIG
     assert r["selected_metrics"]["meets_targets"]
