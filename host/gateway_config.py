@@ -30,6 +30,14 @@ Errors name the key and say what it must be. Example:
     kind = "mqtt"
     host = "uplink.example"
     port = 8883
+
+    [southbound]              # optional: the per-device keys that sign model/config pushes
+    keys_file = "pki/plant-a/gateway/device-keys.json"   # what `edgeline provision` writes
+
+`southbound.keys_file` is checked at load (a missing or malformed store fails the start,
+naming the key); `southbound_keys()` / `load_southbound_keys()` return the `DeviceKeys` for
+host/southbound.py's `Southbound`. `GatewayConfig` has no field for it yet, and
+`edgeline gateway run` does not start a `Southbound` yet (docs/southbound.md).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from edgeline.firmware.edgeline_node import wire as w
 from edgeline.host.gateway import GatewayConfig
 from edgeline.host.opcua_alarms import AlarmConfig
 from edgeline.host.opcua_security import SecurityConfigError, security_from_config
+from edgeline.host.southbound import DeviceKeys, SouthboundError
 from edgeline.host.uplink import UplinkConfig
 
 
@@ -98,6 +107,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "max_bytes": (_INT, "max_bytes"),
         "max_age_s": (_NUM, "max_age_s"),
     },
+    # keys_file: read by southbound_keys(), relative to the config file's folder
+    "southbound": {"keys_file": (_STR, "")},
 }
 
 
@@ -139,6 +150,25 @@ def _check_values(cfg: GatewayConfig) -> None:
         raise GatewayConfigError("uplink.max_bytes and uplink.max_age_s must be positive")
 
 
+def southbound_keys(raw: dict[str, Any], base_dir: Path | None = None) -> DeviceKeys | None:
+    """The southbound key store `[southbound] keys_file` names (relative to `base_dir`, the
+    config file's folder), or None when the config names none.
+
+    :raises GatewayConfigError: naming the key and the file, when it cannot be used.
+    """
+    _check_types(raw)
+    name = raw.get("southbound", {}).get("keys_file")
+    if name is None:
+        return None
+    path = (base_dir or Path.cwd()) / Path(name).expanduser()
+    try:
+        return DeviceKeys.load(path)
+    except SouthboundError as e:
+        raise GatewayConfigError(
+            f"southbound.keys_file: {e} (`edgeline provision` writes <site>/gateway/device-keys.json)"
+        ) from e
+
+
 def parse(raw: dict[str, Any], base_dir: Path | None = None) -> GatewayConfig:
     """A validated GatewayConfig; relative paths (OPC-UA PKI, users file) are relative to
     `base_dir` (the config file's folder), else to the working directory."""
@@ -162,16 +192,28 @@ def parse(raw: dict[str, Any], base_dir: Path | None = None) -> GatewayConfig:
         setattr(up, _SCHEMA["uplink"][key][1], v)
     cfg.uplink = up
     _check_values(cfg)
+    southbound_keys(raw, base_dir)  # fail at start on a store that cannot be used
     return cfg
 
 
-def load(path: Path) -> GatewayConfig:
+def _read(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as e:
         raise GatewayConfigError(f"cannot read gateway config {path}: {e}") from e
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise GatewayConfigError(f"gateway config {path} is not valid TOML: {e}") from e
-    return parse(raw, base_dir=path.parent)
+
+
+def load(path: Path) -> GatewayConfig:
+    return parse(_read(path), base_dir=path.parent)
+
+
+def load_southbound_keys(path: Path) -> DeviceKeys | None:
+    """The `[southbound] keys_file` store of the gateway config at `path`, or None.
+
+    :raises GatewayConfigError: the config or the store cannot be read.
+    """
+    return southbound_keys(_read(path), base_dir=path.parent)

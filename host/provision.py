@@ -13,10 +13,14 @@ One output folder per site holds everything a deployment needs:
       gateway/gateway.crt.pem    the gateway's client certificate (CN `_gateway`), PEM for paho
       gateway/gateway.key.pem
       gateway/ca.crt.pem
-      nodes/<node>/config.json   the node's config, pointing at the three DER files beside it
+      gateway/device-keys.json   the southbound key store (0600): every node's 32-byte HMAC key,
+                                   {"version": 1, "keys": {"<node>": "<64 hex digits>"}}
+      nodes/<node>/config.json   the node's config, pointing at the files beside it
       nodes/<node>/ca.der        DER: MicroPython's TLS takes DER only ("invalid cert" on PEM)
       nodes/<node>/client.der
       nodes/<node>/client.key.der  PKCS#8, unencrypted (0600)
+      nodes/<node>/device.key    the node's southbound key, 64 hex digits (0600): the same key
+                                   as the gateway's store holds for it (config `southbound.key`)
 
 Identities are certificate common names; Mosquitto maps them to user names
 (`use_identity_as_username true`), and the ACL grants by user name. Node ids cannot start
@@ -26,6 +30,15 @@ Running it again on the same folder keeps the CA and every existing key (adding 
 invalidate deployed ones); `--renew` reissues the certificates (and keys) named on the command
 line. EC P-256 is the default key type; `--key-type rsa` makes RSA-2048 keys. MicroPython's
 mbedtls handles both in a client-certificate handshake with Mosquitto (DESIGN.md).
+
+Southbound keys (docs/southbound.md) authenticate model and config pushes per device. The
+gateway's store is the reference: a run keeps every key in it, writes each named node's key
+into its bundle, and makes a key only for a node that has none. It never rotates one on its
+own, not even with `--renew` (a certificate renewal must not break pushes): only
+`--rotate-southbound-key` does, for the nodes named on the command line. A bundle key that
+differs from the store's stops the run before anything is written; a bundle key the store
+lacks (a store lost or not copied) is taken into the store, since the node already holds it.
+The manifest names each node's key by `key_id` (16 hex digits of its sha256), never the key.
 
 Keys and certificates are made by host/pki.py (imported only when provisioning, so the rest
 of the command line does not pay for `cryptography`). Private keys are written 0600: a
@@ -39,19 +52,24 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeline.firmware.edgeline_node import wire
+
+if TYPE_CHECKING:  # imported when provisioning: the rest of the command line skips paho, cbor2
+    from edgeline.host.southbound import DeviceKeys
 
 KEY_TYPES = ("ec", "rsa")  # host/pki.py makes them; the same names, without importing it
 GATEWAY_CN = "_gateway"
 BROKER_CN = "edgeline-broker"
 DEFAULT_BROKER_HOSTS = ("127.0.0.1", "localhost")
 MANIFEST = "manifest.json"
+NODE_KEY_FILE = "device.key"  # in the bundle, beside config.json (its `southbound.key`)
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
@@ -137,11 +155,19 @@ class Layout:
     def gateway_ca(self) -> Path:
         return self.out / "gateway" / "ca.crt.pem"
 
+    @property
+    def device_keys(self) -> Path:
+        """The gateway's southbound key store (host/southbound.py `DeviceKeys`)."""
+        return self.out / "gateway" / "device-keys.json"
+
     def node_dir(self, node_id: str) -> Path:
         return self.out / "nodes" / node_id
 
     def node_config(self, node_id: str) -> Path:
         return self.node_dir(node_id) / "config.json"
+
+    def node_key(self, node_id: str) -> Path:
+        return self.node_dir(node_id) / NODE_KEY_FILE
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -209,8 +235,8 @@ def mosquitto_tls_lines(layout: Layout, port: int, bind: str = "127.0.0.1") -> l
 def node_config(
     spec: NodeSpec, site: str, broker_host: str, broker_port: int, keepalive: int
 ) -> dict[str, Any]:
-    """The node's config.json (firmware/edgeline_node/config.py): TLS file names are relative
-    to the config file's folder."""
+    """The node's config.json (firmware/edgeline_node/config.py): TLS and southbound key file
+    names are relative to the config file's folder."""
     return {
         "node_id": spec.node_id,
         "site": site,
@@ -224,6 +250,7 @@ def node_config(
             "keepalive": keepalive,
             "tls": {"ca": "ca.der", "cert": "client.der", "key": "client.key.der"},
         },
+        "southbound": {"key": NODE_KEY_FILE},
     }
 
 
@@ -242,6 +269,7 @@ class Options:
     days: int = 825
     ca_days: int = 3650
     renew: bool = False
+    rotate_southbound_key: bool = False  # a new southbound key for each node in `nodes`
 
 
 def _check(opts: Options) -> None:
@@ -257,6 +285,8 @@ def _check(opts: Options) -> None:
         raise ProvisionError(f"keepalive {opts.keepalive} must be 5..3600 s (the node config's range)")
     if not 1 <= opts.days <= opts.ca_days:
         raise ProvisionError(f"--days {opts.days} must be from 1 to the CA's lifetime ({opts.ca_days})")
+    if opts.rotate_southbound_key and not opts.nodes:
+        raise ProvisionError("--rotate-southbound-key needs the nodes to rotate, named with --node")
     ids = [n.node_id for n in opts.nodes]
     if len(set(ids)) != len(ids):
         raise ProvisionError(f"a node id is given twice: {sorted(ids)}")
@@ -268,6 +298,53 @@ def _check(opts: Options) -> None:
                 raise ProvisionError(f"broker name {h!r} is neither an IP address nor a host name") from None
 
 
+def _read_node_key(path: Path) -> bytes:
+    from edgeline.firmware.edgeline_node import southbound as node_sb
+
+    try:
+        key: bytes = node_sb.load_key(str(path))  # exactly as the node reads it
+        return key
+    except (OSError, ValueError) as e:
+        raise ProvisionError(
+            f"cannot read the node key {path}: {e}; delete it to have it written again from the "
+            "gateway's store, or rotate it (--rotate-southbound-key)"
+        ) from e
+
+
+def southbound_keys(lay: Layout, nodes: Sequence[NodeSpec], rotate: bool) -> DeviceKeys:
+    """The gateway's store with a key for every node in `nodes`, not written yet.
+
+    Kept: every key the store has. Added: a bundle's key the store lacks, else a random one.
+    Replaced: only with `rotate`, by a random one.
+
+    :raises ProvisionError: the store cannot be read, or a bundle's key is unreadable or
+        differs from the store's (nothing is written then).
+    """
+    from edgeline.host.southbound import KEY_BYTES, DeviceKeys, SouthboundError, key_id
+
+    try:
+        keys = DeviceKeys.load(lay.device_keys) if lay.device_keys.exists() else DeviceKeys()
+    except SouthboundError as e:
+        raise ProvisionError(f"{e}: fix or restore it; deleting it means new keys for every node") from e
+    for spec in nodes:
+        node = spec.node_id
+        if rotate:
+            keys.keys[node] = secrets.token_bytes(KEY_BYTES)
+            continue
+        on_node = _read_node_key(lay.node_key(node)) if lay.node_key(node).exists() else None
+        have = keys.keys.get(node)
+        if have is None:
+            keys.keys[node] = on_node if on_node is not None else secrets.token_bytes(KEY_BYTES)
+        elif on_node is not None and on_node != have:
+            raise ProvisionError(
+                f"the southbound key in {lay.node_key(node)} (key id {key_id(on_node)}) is not the one "
+                f"{lay.device_keys} holds for {node} (key id {key_id(have)}): one was replaced by hand "
+                f"or copied from another site. Give the node a new key with --rotate-southbound-key "
+                f"--node {node}, then copy its bundle to the board again"
+            )
+    return keys
+
+
 def provision(opts: Options) -> dict[str, Any]:
     """Create or extend the site's folder; return the manifest it wrote.
 
@@ -275,6 +352,7 @@ def provision(opts: Options) -> dict[str, Any]:
     """
     _check(opts)
     from edgeline.host import pki  # `cryptography`, only when provisioning
+    from edgeline.host.southbound import key_id
 
     lay = Layout(opts.out)
     manifest: dict[str, Any] = {"site": opts.site, "nodes": {}}
@@ -287,6 +365,8 @@ def provision(opts: Options) -> dict[str, Any]:
             )
     elif lay.out.exists() and any(lay.out.iterdir()):
         raise ProvisionError(f"{lay.out} exists, is not empty and has no {MANIFEST}: pick an empty folder")
+    # Before any file is written: a key that does not match stops the run here.
+    keys = southbound_keys(lay, opts.nodes, opts.rotate_southbound_key)
 
     # The CA: made once, then reused so that adding a node keeps every deployed one valid.
     if lay.ca_key.exists() and lay.ca_cert.exists():
@@ -323,8 +403,12 @@ def provision(opts: Options) -> dict[str, Any]:
         _write(lay.gateway_cert, pki.pem_cert(cert))
         manifest["gateway"] = {**pki.cert_info(cert, opts.key_type), "cn": GATEWAY_CN}
     _write(lay.gateway_ca, ca_pem)
+    # The southbound key store, before the bundles: a run cut short leaves no node holding a
+    # key the gateway lacks (the next run writes the missing bundle keys from the store).
+    keys.save(lay.device_keys)
+    manifest.setdefault("gateway", {})["device_keys"] = str(lay.device_keys.relative_to(lay.out))
 
-    # The nodes: DER for MicroPython, and a config.json pointing at them.
+    # The nodes: DER for MicroPython, the southbound key, and a config.json pointing at them.
     for spec in opts.nodes:
         d = lay.node_dir(spec.node_id)
         have = (d / "client.der").exists() and (d / "client.key.der").exists()
@@ -334,7 +418,12 @@ def provision(opts: Options) -> dict[str, Any]:
             _write(d / "client.key.der", pki.der_key(key), secret=True)
             _write(d / "client.der", pki.der_cert(cert))
             manifest["nodes"][spec.node_id] = pki.cert_info(cert, opts.key_type)
-        manifest["nodes"][spec.node_id].update(line=spec.line, machine=spec.machine or spec.node_id)
+        manifest["nodes"][spec.node_id].update(
+            line=spec.line,
+            machine=spec.machine or spec.node_id,
+            southbound_key_id=key_id(keys.key_for(spec.node_id)),
+        )
+        keys.write_node_key(spec.node_id, lay.node_key(spec.node_id))
         _write(d / "ca.der", ca_der)
         cfg = node_config(spec, opts.site, opts.broker_host, opts.broker_port, opts.keepalive)
         _write(lay.node_config(spec.node_id), (json.dumps(cfg, indent=2) + "\n").encode())
@@ -367,6 +456,7 @@ def _run(args: argparse.Namespace) -> int:
             keepalive=args.keepalive,
             days=args.days,
             renew=args.renew,
+            rotate_southbound_key=args.rotate_southbound_key,
         )
         manifest = provision(opts)
     except (ProvisionError, OSError) as e:
@@ -375,9 +465,15 @@ def _run(args: argparse.Namespace) -> int:
     lay = Layout(args.out)
     print(f"site {manifest['site']}: CA {lay.ca_cert}")
     print(f"  broker: include {lay.mosquitto_conf} (ACL {lay.acl})")
-    print(f"  gateway: {lay.gateway_cert}")
+    print(f"  gateway: {lay.gateway_cert}, southbound keys {lay.device_keys}")
     for node in sorted(manifest["nodes"]):
-        print(f"  node {node}: {lay.node_config(node)}")
+        kid = manifest["nodes"][node].get("southbound_key_id", "none: name the node again")
+        print(f"  node {node}: {lay.node_config(node)} (southbound key id {kid})")
+    if args.rotate_southbound_key:
+        print(
+            "New southbound keys: copy each rotated node's device.key to its board and restart it, "
+            "and restart the gateway; until then pushes to it are refused (bad-tag)."
+        )
     print(f"Keep {lay.ca_key} offline: anyone with it can mint identities.")
     return 0
 
@@ -389,7 +485,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="make the CA, broker/gateway/node certificates, broker ACL and node config bundles",
         description="Make (or extend) a site's PKI for MQTT over mutual TLS: a CA, the broker's "
         "server certificate, a gateway client certificate, per-node client certificates and keys "
-        "(DER, for MicroPython), a Mosquitto ACL that lets each node publish only under "
+        "(DER, for MicroPython), per-node southbound keys (gateway/device-keys.json and each "
+        "bundle's device.key), a Mosquitto ACL that lets each node publish only under "
         "edgeline/v1/{site}/{node}/#, a Mosquitto listener block, and each node's config.json.",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder, one per site (created)")
@@ -421,7 +518,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--renew",
         action="store_true",
-        help="reissue the broker's, the gateway's and the named nodes' certificates and keys (the CA stays)",
+        help="reissue the broker's, the gateway's and the named nodes' certificates and keys (the CA "
+        "and the southbound keys stay)",
+    )
+    p.add_argument(
+        "--rotate-southbound-key",
+        action="store_true",
+        help="give the named nodes new southbound (push-signing) keys, in the gateway's store and "
+        "their bundles; copy each bundle's device.key to its board again",
     )
     p.set_defaults(func=_run)
     return p

@@ -2,12 +2,16 @@
 
 docs/southbound.md is the contract. A push is authenticated per device: its tag is
 HMAC-SHA256(device key, sha256 || u32be(version) || node id), so a tag made for one node
-(or one version) verifies nowhere else. The keys come from a provisioning keys file
-(`DeviceKeys`); the node checks them with firmware/edgeline_node/southbound.py, whose key
-numbers this module uses (they are proposed for wire.py and move there together).
+(or one version) verifies nowhere else. The keys come from the gateway's key store that
+`edgeline provision` writes (`DeviceKeys`, `<site>/gateway/device-keys.json`; each node's
+bundle gets its own key as `nodes/<node>/device.key`); the node checks them with
+firmware/edgeline_node/southbound.py, whose key numbers this module uses (they are proposed
+for wire.py and move there together).
 
     keys = DeviceKeys.load(Path("site/gateway/device-keys.json"))
     sb = Southbound(SouthboundConfig(broker_host="127.0.0.1", broker_port=1883), keys)
+    # against a provisioned broker: broker_port=8883 and tls_ca/tls_cert/tls_key = the
+    # gateway's files from <site>/gateway/ (ca.crt.pem, gateway.crt.pem, gateway.key.pem)
     sb.start()                                       # also answers cmd/time/req from now on
     push = sb.push_model("plant-a", "node-1", model_bytes, version=3)
     ack = sb.wait_ack(push, timeout=30)              # the node's cmd/ack, or None
@@ -52,9 +56,27 @@ class SouthboundError(ValueError):
 
 
 # -- per-device keys ------------------------------------------------------------------------
+def key_id(key: bytes) -> str:
+    """A short public name for a key (16 hex digits of its sha256): safe to print and to keep
+    in the provisioning manifest, to tell which key a node has without reading the secret."""
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Atomically (a temporary file renamed over `path`), mode 0600 whatever was there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # a leftover .tmp keeps its old mode through O_CREAT
+        f.write(text)
+    os.replace(tmp, path)
+
+
 @dataclass
 class DeviceKeys:
-    """The per-device HMAC keys, from the provisioning keys file (JSON, mode 0600):
+    """The per-device HMAC keys: the gateway's key store, written by `edgeline provision` as
+    `<site>/gateway/device-keys.json` (JSON, mode 0600):
 
     {"version": 1, "keys": {"node-1": "<64 hex digits>", ...}}
     """
@@ -108,12 +130,7 @@ class DeviceKeys:
     def save(self, path: Path) -> None:
         """Atomically, with mode 0600 (it holds secrets)."""
         body = {"version": KEYS_FILE_VERSION, "keys": {n: k.hex() for n, k in sorted(self.keys.items())}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(body, indent=2) + "\n")
-        os.replace(tmp, path)
+        _write_secret(path, json.dumps(body, indent=2) + "\n")
         self.path = path
 
     def key_for(self, node: str) -> bytes:
@@ -127,10 +144,9 @@ class DeviceKeys:
             ) from None
 
     def write_node_key(self, node: str, path: Path) -> None:
-        """The node's own copy (`model.key` beside its config): its key as 64 hex digits, 0600."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.key_for(node).hex() + "\n")
+        """The node's own copy (`device.key` beside its config, named by the node config's
+        `southbound.key`): its key as 64 hex digits and a newline, atomically, mode 0600."""
+        _write_secret(path, self.key_for(node).hex() + "\n")
 
 
 # -- messages -------------------------------------------------------------------------------
@@ -319,6 +335,12 @@ class SouthboundConfig:
     site: str = "+"  # whose time requests and acks to serve; "+" = every site
     gateway_id: str = "gateway"
     max_chunk: int = MAX_CHUNK
+    # MQTT over mutual TLS (PEM files; `edgeline provision` writes them to <site>/gateway/):
+    # tls_ca alone = check the broker only; with tls_cert and tls_key = present a client
+    # certificate too. None = plain MQTT.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass
@@ -378,6 +400,15 @@ class Southbound:
         )
         if cfg.broker_user:
             self._mqtt.username_pw_set(cfg.broker_user, cfg.broker_password)
+        if (cfg.tls_cert is None) != (cfg.tls_key is None) or (cfg.tls_cert and not cfg.tls_ca):
+            raise SouthboundError("TLS needs tls_ca, and tls_cert and tls_key together (or neither)")
+        if cfg.tls_ca:
+            try:
+                self._mqtt.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise SouthboundError(
+                    f"cannot use the TLS files ca={cfg.tls_ca} cert={cfg.tls_cert} key={cfg.tls_key}: {e}"
+                ) from e
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_message = self._on_message
 

@@ -93,7 +93,8 @@ def test_provision_writes_pki_acl_and_node_bundles(tmp_path: Path) -> None:
     assert (cn(gateway), cn(node)) == ("_gateway", "node-1")  # the MQTT user names
     key = load_der_private_key((lay.node_dir("node-1") / "client.key.der").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
-    for secret in (lay.ca_key, lay.server_key, lay.gateway_key, lay.node_dir("node-1") / "client.key.der"):
+    secrets = (lay.ca_key, lay.server_key, lay.gateway_key, lay.node_dir("node-1") / "client.key.der")
+    for secret in (*secrets, lay.device_keys, lay.node_key("node-1")):  # southbound keys too
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     # The node config: accepted by the firmware's own loader, TLS files beside it.
     cfg = node_config.load(str(lay.node_config("node-2")))

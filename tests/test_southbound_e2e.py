@@ -79,8 +79,9 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, vn: VirtualN
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline or not vn.alive():
-            raise AssertionError(f"timed out waiting for {what}; node stderr {vn.stderr_tail[-5:]}; "
-                                 f"last lines {vn.lines[-5:]}")
+            raise AssertionError(
+                f"timed out waiting for {what}; node stderr {vn.stderr_tail[-5:]}; last lines {vn.lines[-5:]}"
+            )
         time.sleep(0.05)
 
 
@@ -90,10 +91,20 @@ def ack_of(sb: Southbound, push: Push) -> Ack:
     return ack
 
 
-def publish_raw(sb: Southbound, payloads: list[bytes], cmd_id: int, version: int, sha: bytes) -> Push:
-    """Send hand-made cmd/model messages through Southbound's own connection."""
-    topic = node_sb.topic(SITE, NODE, node_sb.KIND_CMD_MODEL)
-    push = Push(SITE, NODE, cmd_id, version, sha, len(payloads))
+def publish_raw(
+    sb: Southbound,
+    payloads: list[bytes],
+    cmd_id: int,
+    version: int,
+    sha: bytes,
+    *,
+    site: str = SITE,
+    node: str = NODE,
+    kind: int = node_sb.KIND_CMD_MODEL,
+) -> Push:
+    """Send hand-made cmd/model (or `kind`) messages through Southbound's own connection."""
+    topic = node_sb.topic(site, node, kind)
+    push = Push(site, node, cmd_id, version, sha, len(payloads))
     push.infos = [sb._mqtt.publish(topic, p, qos=1) for p in payloads]
     return push
 
@@ -140,8 +151,13 @@ def test_model_and_config_pushes_end_to_end(mosquitto: MosquittoProcess, tmp_pat
         wait_until(lambda: len(watcher.births) > births, 10, "a new birth", vn)
         assert watcher.births[-1][w.K_MODEL_SHA] == DEMO_SHA
         (installed,) = vn.events("model")
-        assert installed == {"ev": "model", "status": "ok", "sha256": DEMO_SHA.hex(), "version": 1,
-                             "slot": "a"}
+        assert installed == {
+            "ev": "model",
+            "status": "ok",
+            "sha256": DEMO_SHA.hex(),
+            "version": 1,
+            "slot": "a",
+        }
         n_evt = len(watcher.events)
         wait_until(lambda: len(watcher.events) > n_evt + 3, 10, "events scored by the model", vn)
         assert all(e[w.K_DETECTOR] == "spc+model" and "model" in e[w.K_SCORES] for e in watcher.events[-2:])
@@ -184,8 +200,10 @@ def test_model_and_config_pushes_end_to_end(mosquitto: MosquittoProcess, tmp_pat
         assert applied["live"] == ["spc.k_sigma", "telemetry_every"]
         w0 = vn.events("window")[-1]["seq"]
         wait_until(lambda: sum(t["seq"] > w0 for t in vn.events("telemetry")) >= 3, 10, "telemetry", vn)
-        periods = {b["windows"] - a["windows"] for a, b in zip(vn.events("telemetry")[-3:-1],
-                                                               vn.events("telemetry")[-2:], strict=True)}
+        periods = {
+            b["windows"] - a["windows"]
+            for a, b in zip(vn.events("telemetry")[-3:-1], vn.events("telemetry")[-2:], strict=True)
+        }
         assert periods == {4}
         ack = ack_of(sb, sb.push_config(SITE, NODE, {"spc": {"k_sigma": -1}}, version=2))
         assert ack.status == node_sb.BAD_CONFIG and "spc.k_sigma" in ack.reason, ack
@@ -215,5 +233,7 @@ def test_model_and_config_pushes_end_to_end(mosquitto: MosquittoProcess, tmp_pat
     assert vn.events("error") == [], vn.events("error")
     times = vn.events("time")
     assert times and all(0 <= t["rtt_us"] < 500_000 for t in times)
-    print(f"\nsouthbound: model push acked in {len(vn.events('ack'))} acks; time round trips "
-          f"{[t['rtt_us'] for t in times]} us; acks counted by the gateway side {dict(sb.counts)}")
+    print(
+        f"\nsouthbound: model push acked in {len(vn.events('ack'))} acks; time round trips "
+        f"{[t['rtt_us'] for t in times]} us; acks counted by the gateway side {dict(sb.counts)}"
+    )
