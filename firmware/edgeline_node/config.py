@@ -2,6 +2,7 @@
 import json
 
 from . import wire
+from .features import BAND_SENSORS
 from .hal_config import HAL_DEFAULTS, check_hal
 
 DEFAULTS = {
@@ -18,6 +19,8 @@ DEFAULTS = {
     "hal": HAL_DEFAULTS,  # hal_config.py documents and checks this section
     # window.period_ms 0: no waiting between windows, as fast as the HAL delivers them (the
     # sim HAL then runs in simulated time, faster than real time: soak and heap tests).
+    # window.samples: a power of two when a vibration sensor is configured (its FFT band
+    # energies, docs/features.md); any 8..4096 otherwise.
     "window": {"samples": 256, "period_ms": 500},
     "spc": {"calibration": 20, "k_sigma": 3.0, "run": 2},
     "telemetry_every": 10,
@@ -44,8 +47,49 @@ PUSH_REFUSED = ("node_id", "site", "data_dir", "southbound")
 PUSH_LIVE = ("spc.k_sigma", "spc.run", "telemetry_every", "window.period_ms")
 
 
+# Score keys of an event that are not sensors (docs/wire-format.md): no sensor may be named so.
+RESERVED_SENSOR_NAMES = ("model", "xbar_r", "gateway")
+
+
 class ConfigError(ValueError):
     pass
+
+
+def sensor_names(hal):
+    """The names of the sensors the validated "hal" section gives, in the HAL's order, with
+    the config key that names each: [(name, key), ...]."""
+    kind = hal["kind"]
+    if kind == "sim":
+        from .hal_sim import SENSORS  # the sim node imports it anyway
+
+        return [(name, "hal.kind") for name, _unit in SENSORS]
+    if kind == "stdin":
+        return [(s[0], "hal.stdin.sensors") for s in hal["stdin"]["sensors"]]
+    out = []  # a board: hal_board.BoardHAL's order
+    if hal["accel"]["chip"]:
+        out.append(("vibration", "hal.accel.chip"))
+    if hal["temperature"]["chip"]:
+        out.append(("temperature", "hal.temperature.chip"))
+    if hal["current"]["chip"]:
+        out.append(("current", "hal.current.chip"))
+    if hal["adc"]["pin"] is not None:
+        out.append((hal["adc"]["name"], "hal.adc.name"))
+    return out
+
+
+def _check_window(cfg):
+    # A band sensor's FFT is radix 2: refuse other window sizes at boot (and in a push), naming
+    # the key and the nearest sizes, rather than silently computing bands on part of a window.
+    n = cfg["window"]["samples"]
+    for name, key in sensor_names(cfg["hal"]):
+        _need(name not in RESERVED_SENSOR_NAMES, key, "gives a sensor named %r, which is reserved for a score "
+              "in events (%s): name it otherwise" % (name, ", ".join(RESERVED_SENSOR_NAMES)))
+        if name in BAND_SENSORS and n & (n - 1):
+            lo = 8
+            while lo * 2 < n:
+                lo *= 2
+            _need(False, "window.samples", "must be a power of two when a %s sensor is configured (its FFT "
+                  "band energies need one), got %d: set %d or %d (docs/features.md)" % (name, n, lo, lo * 2))
 
 
 def _merge(defaults, given, prefix):
@@ -106,6 +150,7 @@ def validate(given):
     _int_in(cfg, "broker.inflight", 1, 64)
     check_hal(cfg["hal"], ConfigError)
     _int_in(cfg, "window.samples", 8, 4096)
+    _check_window(cfg)
     p = cfg["window"]["period_ms"]
     _need(p == 0 or (isinstance(p, int) and not isinstance(p, bool) and 10 <= p <= 3600000), "window.period_ms",
           "must be 0 (as fast as possible) or an integer from 10 to 3600000, got %r" % (p,))

@@ -135,19 +135,36 @@ class Detector:
 
     def bind(self, sensors, feature_names):
         """Map the manifest's inputs, named "sensor.feature" (e.g. "vibration.rms"), onto the
-        node's per-sensor feature lists: `sensors` are the node's sensor names in order,
-        `feature_names` the names of each list's entries (features.FEATURE_NAMES). After this,
-        `score_sensors(lists)` scores a window without building a vector by hand.
+        node's per-sensor feature lists: `sensors` are the node's sensor names in order;
+        `feature_names` names each list's entries, either one list per sensor (each sensor's
+        own names, as the birth announces them: features.Features(...).names) or one list of
+        names shared by all sensors (e.g. features.FEATURE_NAMES). Inputs are found by name,
+        so features the model does not use (kurtosis, band energies) are passed over. After
+        this, `score_sensors(lists)` scores a window without building a vector by hand.
 
         :raises ModelError: an input the node does not compute, naming it.
         """
+        sensors = list(sensors)
+        shared = not feature_names or isinstance(feature_names[0], str)
+        if not shared and len(feature_names) != len(sensors):
+            raise ValueError("bind: %d feature name lists for %d sensors" % (len(feature_names), len(sensors)))
         idx = []
         for name in self.features:
             s, _, f = name.partition(".")
-            if s not in sensors or f not in feature_names:
-                raise ModelError("model input %r: this node computes %s x %s" % (
-                    name, "/".join(sensors), "/".join(feature_names)))
-            idx.append((list(sensors).index(s), list(feature_names).index(f)))
+            if s not in sensors:
+                if shared:
+                    raise ModelError("model input %r: this node computes %s x %s" % (
+                        name, "/".join(sensors), "/".join(feature_names)))
+                raise ModelError("model input %r: this node computes %s, no sensor %r" % (
+                    name, "/".join(sensors), s))
+            si = sensors.index(s)
+            names = list(feature_names if shared else feature_names[si])
+            if f not in names:
+                if shared:
+                    raise ModelError("model input %r: this node computes %s x %s" % (
+                        name, "/".join(sensors), "/".join(names)))
+                raise ModelError("model input %r: sensor %r computes %s" % (name, s, "/".join(names)))
+            idx.append((si, names.index(f)))
         self._bound = idx
 
     def score_sensors(self, feats):

@@ -1,5 +1,7 @@
 # Device code. Window features with fixed memory: one pass over a preallocated float array.
+# docs/features.md says what each feature is and what it costs on the node.
 import math
+from array import array as _array
 
 FEATURE_NAMES = ("mean", "std", "rms", "peak", "crest")
 # The feature each sensor's control chart watches (index into FEATURE_NAMES).
@@ -57,15 +59,60 @@ N_BANDS = 4
 BAND_NAMES = ("band0", "band1", "band2", "band3")
 BAND_SENSORS = ("vibration",)  # the sensors that get band energies
 
-try:
-    from array import array as _array
+# FFT scratch in the width of the port's floats: 'd' where floats are doubles (the unix port:
+# the host's float64, to rounding), 'f' where they are single precision (most ESP32 and RP2040
+# builds), which halves the scratch without losing anything: every value passes through a
+# float object of that width anyway.
+_FLOAT = "f"
+_ITEM = 4
+if 1.0 + 1e-12 != 1.0:  # double-precision floats
+    try:
+        _array("d", [0.0])
+        _FLOAT = "d"
+        _ITEM = 8
+    except ValueError:  # pragma: no cover - a port without 'd'
+        pass
 
-    _array("d", [0.0])
-    _FLOAT = "d"  # double scratch where the port has it: the host's float64, to rounding
-except (ImportError, ValueError):  # pragma: no cover - a port without 'd'
-    from array import array as _array
 
-    _FLOAT = "f"
+def _zeros(n):
+    # A zeroed float array of n items, made from raw bytes: no list of n boxed floats on the
+    # way (4 KB of pointers and 16-32 bytes per float on a 64-bit port).
+    return _array(_FLOAT, bytes(n * _ITEM))
+
+
+class FFTScratch:
+    """What the real FFT of an n-sample window works in: re/im (n/2 each) and one quarter-wave
+    cosine table, cos(2 pi t / n) for t = 0..n/4, from which every twiddle of the n/2-point
+    FFT and of the split step is read (cos and sin by symmetry). 2.5 n floats in all: 10 KB
+    for n = 1024 with double floats, 5 KB with single ones.
+
+    One scratch serves every Features of the same n (scratch(n)): the windows are processed
+    one sensor at a time, and compute() leaves nothing in it that the next call needs.
+    """
+
+    def __init__(self, n):
+        self.n = n
+        half = n >> 1
+        quarter = n >> 2
+        self.re = _zeros(half)
+        self.im = _zeros(half)
+        q = _zeros(quarter + 1)
+        w = 2.0 * math.pi / n
+        for t in range(quarter):
+            q[t] = math.cos(w * t)
+        q[quarter] = 0.0  # cos(pi / 2) exactly, where math.cos gives 6e-17
+        self.cos_q = q
+
+
+_SCRATCH = {}  # n -> FFTScratch, created by the first Features that needs it
+
+
+def scratch(n):
+    """The FFTScratch shared by all band sensors of n-sample windows, created on first use."""
+    s = _SCRATCH.get(n)
+    if s is None:
+        s = _SCRATCH[n] = FFTScratch(n)
+    return s
 
 
 def feature_names(sensor):
@@ -92,11 +139,13 @@ def kurtosis(buf, mean):
 
 
 class Features:
-    """The features of one sensor's windows of `n_samples`, with all scratch allocated here.
+    """The features of one sensor's windows of `n_samples`.
 
-    compute(buf, out) fills `out` (a list of len(names)) and allocates nothing per window but
-    the float results. For a band sensor, `n_samples` must be a power of two >= 8 (radix-2
-    FFT, 4 bands of at least one bin): ValueError otherwise.
+    compute(buf, out) fills `out` (a list or float array of len(names)) and allocates
+    nothing per window but the float results. A band sensor works in the FFTScratch shared by all band sensors of
+    the same window size (scratch(n)), made here, once. For a band sensor `n_samples` must
+    be a power of two >= 8 (radix-2 FFT, 4 bands of at least one bin): ValueError otherwise
+    (the node's config check says so first, naming window.samples).
     """
 
     def __init__(self, sensor, n_samples):
@@ -104,6 +153,7 @@ class Features:
         self.names = feature_names(sensor)
         self.n = n_samples
         self.bands = sensor in BAND_SENSORS
+        self._fft_scratch = None
         if n_samples < 1:
             raise ValueError("a window needs at least one sample, got %r" % (n_samples,))
         if not self.bands:
@@ -111,15 +161,7 @@ class Features:
         if n_samples < 8 or n_samples & (n_samples - 1):
             raise ValueError("the %s FFT needs a window of a power of two >= 8 samples, got %d "
                              "(use 256 or 512, say)" % (sensor, n_samples))
-        half = n_samples // 2
-        # The real FFT of n samples is a complex FFT of n/2 points (even samples in re, odd in
-        # im), then one split step: re/im hold that half-size spectrum, in place.
-        self._re = _array(_FLOAT, [0.0] * half)
-        self._im = _array(_FLOAT, [0.0] * half)
-        # Twiddles e^(-2 pi i t / n) = cos - i sin for t < n/2: the split step uses all of
-        # them, the n/2-point FFT every other one.
-        self._cos = _array(_FLOAT, [math.cos(2.0 * math.pi * t / n_samples) for t in range(half)])
-        self._sin = _array(_FLOAT, [math.sin(2.0 * math.pi * t / n_samples) for t in range(half)])
+        self._fft_scratch = scratch(n_samples)
 
     def compute(self, buf, out):
         """Write self.names' features of the samples in `buf` into `out`; return out."""
@@ -133,10 +175,17 @@ class Features:
 
     def _fft(self, m):
         # In-place iterative radix-2 decimation-in-time FFT of the m = n/2 points in re/im.
-        re = self._re
-        im = self._im
-        cos_t = self._cos
-        sin_t = self._sin
+        # Written for MicroPython, where every float result is a heap object: the twiddle loop
+        # is outside the butterfly loop (each twiddle read from the quarter-wave table once
+        # per stage, m - 1 reads per FFT), array items are read once into locals, and the
+        # butterflies of twiddle 1 (the whole first stage: about a fifth of all) and of
+        # twiddle -i (a tenth) take no multiplication. Each other butterfly does the usual
+        # arithmetic.
+        sc = self._fft_scratch
+        re = sc.re
+        im = sc.im
+        q = sc.cos_q
+        n4 = self.n >> 2
         j = 0
         for i in range(1, m):  # bit-reversal permutation, indices computed as we go
             bit = m >> 1
@@ -154,66 +203,118 @@ class Features:
         size = 2
         while size <= m:
             half = size >> 1
-            tstep = self.n // size  # e^(-2 pi i k / size) is table entry k * n / size
-            start = 0
-            while start < m:
-                t = 0
-                for k in range(start, start + half):
-                    c = cos_t[t]
-                    s = sin_t[t]
-                    h = k + half
-                    xr = re[h] * c + im[h] * s
-                    xi = im[h] * c - re[h] * s
-                    re[h] = re[k] - xr
-                    im[h] = im[k] - xi
-                    re[k] += xr
-                    im[k] += xi
-                    t += tstep
-                start += size
+            tstep = self.n // size  # e^(-2 pi i k / size) is e^(-2 pi i t / n), t = k * n / size
+            for k in range(0, m, size):  # twiddle 1
+                h = k + half
+                ar = re[h]
+                ai = im[h]
+                br = re[k]
+                bi = im[k]
+                re[h] = br - ar
+                im[h] = bi - ai
+                re[k] = br + ar
+                im[k] = bi + ai
+            t = tstep
+            for k0 in range(1, half):
+                if t == n4:  # twiddle -i: (ar + i ai)(-i) = ai - i ar
+                    for k in range(k0, m, size):
+                        h = k + half
+                        ar = re[h]
+                        ai = im[h]
+                        br = re[k]
+                        bi = im[k]
+                        re[h] = br - ai
+                        im[h] = bi + ar
+                        re[k] = br + ai
+                        im[k] = bi - ar
+                else:
+                    # cos and sin of 2 pi t / n, 0 < t < n/2, from cos on [0, pi/2].
+                    if t < n4:
+                        c = q[t]
+                        s = q[n4 - t]
+                    else:
+                        c = -q[m - t]
+                        s = q[t - n4]
+                    for k in range(k0, m, size):
+                        h = k + half
+                        ar = re[h]
+                        ai = im[h]
+                        xr = ar * c + ai * s
+                        xi = ai * c - ar * s
+                        br = re[k]
+                        bi = im[k]
+                        re[h] = br - xr
+                        im[h] = bi - xi
+                        re[k] = br + xr
+                        im[k] = bi + xi
+                t += tstep
             size <<= 1
 
     def _band_energies(self, buf, out, first):
         n = self.n
         m = n >> 1
-        re = self._re
-        im = self._im
+        n4 = n >> 2  # = m/2
+        sc = self._fft_scratch
+        re = sc.re
+        im = sc.im
+        q = sc.cos_q
         for i in range(m):
             re[i] = buf[2 * i]
             im[i] = buf[2 * i + 1]
         self._fft(m)
-        cos_t = self._cos
-        sin_t = self._sin
-        per_band = n >> 3  # bins per band: the 4 bands split bins 0 .. n/2 - 1 evenly
-        scale = 1.0 / (float(n) * float(n))
-        k = 0
-        for b in range(N_BANDS):
-            e = 0.0
-            stop = k + per_band if b < N_BANDS - 1 else m + 1  # the Nyquist bin m: last band
-            while k < stop:
-                # Split Z (n/2-point spectrum of z = x_even + i x_odd) into the spectra of the
-                # even and odd samples, Ev = (Z_k + conj Z_{m-k}) / 2 and
-                # Od = (Z_k - conj Z_{m-k}) / 2i; then X_k = Ev + e^(-2 pi i k / n) Od.
-                a = k if k < m else 0
-                r = m - k if k > 0 else 0
-                zr = re[a]
-                zi = im[a]
-                cr = re[r]
-                ci = -im[r]
-                er = 0.5 * (zr + cr)
-                ei = 0.5 * (zi + ci)
-                orr = 0.5 * (zi - ci)
-                oi = -0.5 * (zr - cr)
-                if k < m:
-                    c = cos_t[k]
-                    s = sin_t[k]
-                else:  # e^(-i pi) = -1
-                    c = -1.0
-                    s = 0.0
-                xr = er + orr * c + oi * s
-                xi = ei + oi * c - orr * s
-                p = xr * xr + xi * xi
-                if 0 < k < m:
-                    p += p  # the negative-frequency twin
-                e += p
-                k += 1
-            out[first + b] = e * scale
+        # Split Z (the n/2-point spectrum of z = x_even + i x_odd) into the spectra of the even
+        # and odd samples, E_k = (Z_k + conj Z_{m-k}) / 2, O_k = (Z_k - conj Z_{m-k}) / 2i,
+        # and X_k = E_k + W^k O_k with W = e^(-2 pi i / n). For a real x, E and O are
+        # conjugate-symmetric and W^(m-k) = -conj(W^k), so X_{m-k} = conj(E_k - W^k O_k):
+        # one E_k, W^k O_k gives the bins k and m - k, for k = 1 .. m/2 - 1. Computed here
+        # without the / 2 (2E, 2O, so 2X): the powers are 4 |X|^2, taken back by `scale`.
+        # DC and Nyquist: X_0 = Re Z_0 + Im Z_0, X_m = Re Z_0 - Im Z_0; the middle bin m/2:
+        # |X|^2 = |Z_{m/2}|^2. Bins other than DC and Nyquist count twice (their
+        # negative-frequency twins). Bands: bin k < m is in band k // (n/8), Nyquist in 3.
+        zr = re[0]
+        zi = im[0]
+        d = zr + zi
+        dc = 4.0 * (d * d)
+        d = zr - zi
+        nyq = 4.0 * (d * d)
+        zr = re[n4]
+        zi = im[n4]
+        mid = 4.0 * (zr * zr + zi * zi)  # band 2 (m/2 // (m/4))
+        per_band = n >> 3
+        b0 = 0.0
+        b1 = 0.0
+        b2 = 0.0
+        b3 = 0.0
+        for k in range(1, n4):
+            r = m - k
+            zr = re[k]
+            zi = im[k]
+            cr = re[r]
+            cim = im[r]
+            er = zr + cr  # 2E = Z_k + conj Z_{m-k}
+            ei = zi - cim
+            orr = zi + cim  # 2O = (Z_k - conj Z_{m-k}) / i
+            oi = cr - zr
+            c = q[k]  # k < n/4: cos and sin of 2 pi k / n straight from the table
+            s = q[n4 - k]
+            pr = orr * c + oi * s  # 2 W^k O_k
+            pi = oi * c - orr * s
+            a = er + pr
+            b = ei + pi
+            lo = a * a + b * b  # 4 |X_k|^2
+            a = er - pr
+            b = ei - pi
+            hi = a * a + b * b  # 4 |X_{m-k}|^2
+            if k < per_band:
+                b0 += lo
+            else:
+                b1 += lo
+            if r >= 3 * per_band:
+                b3 += hi
+            else:
+                b2 += hi
+        scale = 1.0 / (4.0 * float(n) * float(n))
+        out[first] = (dc + 2.0 * b0) * scale
+        out[first + 1] = (2.0 * b1) * scale
+        out[first + 2] = (mid + mid + 2.0 * b2) * scale
+        out[first + 3] = (nyq + 2.0 * b3) * scale

@@ -1,8 +1,12 @@
 # Device code. The node application: sample -> window features -> control charts (+ int8
-# model) -> CBOR message -> flash queue -> MQTT QoS1. One cooperative loop, no threads, so it
-# runs the same on a microcontroller and on the unix port. Log lines go to stdout as JSON (the
-# HIL rig, the demo and the tests read them); commands come in on stdin, one per line
-# (`fault bearing`, `status`, `stop`).
+# model) -> CBOR message -> flash queue -> MQTT QoS1. Per sensor and window: its features
+# (features.Features: mean, std, rms, peak, crest, kurtosis, and FFT band energies for
+# vibration; docs/features.md), an individuals chart on one feature (spc.ControlChart, score
+# under the sensor's name) and an X-bar/R chart on the raw samples (spc.XbarRChart, the worst
+# sensor's score under "xbar_r"); a sensor either chart finds out of control is a cause.
+# One cooperative loop, no threads, so it runs the same on a microcontroller and on the unix
+# port. Log lines go to stdout as JSON (the HIL rig, the demo and the tests read them);
+# commands come in on stdin, one per line (`fault bearing`, `status`, `stop`).
 #
 # Store and forward (docs/store-and-forward.md): every message is encoded once, appended to
 # the flash queue (log line `logged` once it is on flash) and replayed from there, byte for
@@ -34,14 +38,14 @@ import json
 import os
 import sys
 
-from . import VERSION, cbor, features, identity, tls, wire
+from . import VERSION, cbor, features, identity, wire
 from .compat import IS_MICROPYTHON, const, sleep_ms, ticks_add, ticks_diff, ticks_ms, ticks_us, wall_us
 from .config import PUSH_LIVE, PUSH_REFUSED, ConfigError, changed, load, overlay, validate
 from .flash_queue import PRIO_ANOMALY, PRIO_EVT, PRIO_TEL, PRIORITIES, FlashQueue
 from .hal import make_hal
 from .mqtt import MQTTClient
 from .mqtt_resilient import ResilientMQTT
-from .spc import ControlChart
+from .spc import ControlChart, XbarRChart
 
 try:
     import select
@@ -59,6 +63,11 @@ _TIME_RETRY_MS = const(5000)  # until the first time answer, ask again this ofte
 _CATCH_UP_MS = const(50)  # how late a window may be taken while a backlog drains
 _SLOT_FILE = "model_slot"  # which model slot is active: JSON {"slot", "version", "sha256"}
 _PUSHED_FILE = "config_push.json"  # config pushes, for the next boot: {"version", "patch"}
+_XR_SUBGROUP = const(5)  # X-bar/R subgroup size (spc.py: why small consecutive subgroups)
+# The event's score key for the X-bar/R charts: the worst sensor's score, in sigma units like
+# the per-sensor (individuals chart) scores; each sensor whose X-bar/R chart is out of control
+# is among the causes (docs/wire-format.md).
+XR_SCORE_KEY = "xbar_r"
 
 
 def log(event, **fields):
@@ -139,14 +148,32 @@ class Node:
         self.sent = 0
         self.hal = make_hal(cfg["hal"])
         self.sensors = self.hal.sensors()
+        # The window's memory first, while the heap is still in one piece: the sample arrays
+        # (from raw bytes: no list of n floats on the way), each sensor's Features (the band
+        # sensors share one FFT scratch, features.scratch) and output list, and the charts.
+        # Nothing here grows per window.
+        n = cfg["window"]["samples"]
+        self.bufs = [array("f", bytes(4 * n)) for _ in self.sensors]
+        self.fx = []
+        for name, _unit in self.sensors:
+            try:
+                self.fx.append(features.Features(name, n))
+            except ValueError as e:  # config.validate() catches this first; kept for other HALs
+                raise ConfigError("config key 'window.samples': %s" % e)
+        # Per sensor, in the order its birth names them: mean, std, rms, peak, crest, kurtosis
+        # (+ band0..band3 for vibration). The first five are what the demo model binds to.
+        # float32 arrays, like the samples they come from: no boxed floats kept between
+        # windows, the same values on every port (a board's floats are single precision),
+        # and 5-byte CBOR floats on the wire instead of 9-byte ones on a port with doubles.
+        self.feats = [array("f", bytes(4 * len(fx.names))) for fx in self.fx]
+        spc = cfg["spc"]
+        self.charts = [ControlChart(spc["calibration"], spc["k_sigma"], spc["run"]) for _ in self.sensors]
+        # X-bar/R on each sensor's raw samples, beside the individuals chart on one feature.
+        self.xr_charts = [XbarRChart(spc["calibration"], _XR_SUBGROUP, spc["run"], spc["k_sigma"])
+                          for _ in self.sensors]
         self._slot = None  # "a" or "b": the model slot in use; None: the model from model.path
         self._model_version = 0  # the version of the pushed model running (0: none pushed)
         self.detector = self._boot_model()
-        n = cfg["window"]["samples"]
-        self.bufs = [array("f", [0.0] * n) for _ in self.sensors]
-        self.feats = [[0.0] * len(features.FEATURE_NAMES) for _ in self.sensors]
-        spc = cfg["spc"]
-        self.charts = [ControlChart(spc["calibration"], spc["k_sigma"], spc["run"]) for _ in self.sensors]
         q = cfg["queue"]
         inflight = cfg["broker"]["inflight"]
         self.queue = FlashQueue(_queue_dir(cfg), q["capacity_bytes"], q["segment_bytes"], q["commit_every"],
@@ -228,7 +255,7 @@ class Node:
                 raise ConfigError("%s: %s has sha256 %s, %s expected (config key 'model.sha256' or the push)"
                                   % (what, path, digest, sha_hex))
             det.self_test()
-            det.bind([name for name, _unit in self.sensors], features.FEATURE_NAMES)
+            det.bind([name for name, _unit in self.sensors], [fx.names for fx in self.fx])
         except OSError as e:
             raise ConfigError("%s: cannot read %s: %s" % (what, path, e))
         except ModelError as e:
@@ -244,7 +271,7 @@ class Node:
         m = self._head(wire.KIND_BIRTH)
         m[wire.K_FW] = VERSION
         m[wire.K_MODEL_SHA] = self.detector.sha256() if self.detector is not None else None
-        m[wire.K_SENSORS] = [[name, unit, list(features.FEATURE_NAMES)] for name, unit in self.sensors]
+        m[wire.K_SENSORS] = [[name, unit, list(fx.names)] for (name, unit), fx in zip(self.sensors, self.fx)]
         m[wire.K_SITE] = self.site
         m[wire.K_LINE] = self.cfg["line"]
         m[wire.K_MACHINE] = self.cfg["machine"]
@@ -303,13 +330,19 @@ class Node:
         feats = {}
         scores = {}
         causes = []
+        xr_worst = 0.0
         for i, (name, _unit) in enumerate(self.sensors):
-            f = features.compute(self.bufs[i], self.feats[i])
+            buf = self.bufs[i]
+            f = self.fx[i].compute(buf, self.feats[i])
             score, out = self.charts[i].update(f[features.chart_feature(name)])
+            xr_score, xr_out = self.xr_charts[i].update_window(buf)
             feats[name] = list(f)
             scores[name] = score
-            if out:
+            if xr_score > xr_worst:
+                xr_worst = xr_score
+            if out or xr_out:
                 causes.append(name)
+        scores[XR_SCORE_KEY] = xr_worst
         detector = "spc"
         if self.detector is not None:
             # The model sees all sensors at once: it catches what no single chart does.
@@ -353,7 +386,10 @@ class Node:
         self._tls_error = None
         if b["tls"] is not None:
             # Built now to report a bad file early (after the boot line), and again at each
-            # connect until it loads: the node measures into its queue meanwhile.
+            # connect until it loads: the node measures into its queue meanwhile. Imported
+            # here: a node without TLS does not keep its code in RAM.
+            from . import tls
+
             ctx = tls.LazyContext(b["tls"], self.cfg_dir)
             try:
                 ctx.load()
@@ -480,8 +516,9 @@ class Node:
         if scfg["key"] is None:
             return
         from . import southbound as sb
+        from .tls import join
 
-        path = tls.join(self.cfg_dir, scfg["key"])
+        path = join(self.cfg_dir, scfg["key"])
         try:
             key = sb.load_key(path)
         except (OSError, ValueError) as e:
@@ -632,6 +669,9 @@ class Node:
         for chart in self.charts:
             chart.k_sigma = spc["k_sigma"]
             chart.run = spc["run"]
+        for xr in self.xr_charts:
+            xr.k_sigma = spc["k_sigma"]
+            xr.run = spc["run"]
         reason = "live: %s; next boot: %s" % (", ".join(live) or "-", ", ".join(later) or "-")
         self._ack(m, sb.OK, reason)
         log("config", status=sb.OK, version=version, live=live, next_boot=later)

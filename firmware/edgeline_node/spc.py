@@ -80,10 +80,14 @@ class XbarRChart:
     score: the larger of |X-bar - X-dbar| / sigma_xbar (sigma_xbar = A2 R-bar / 3, so 3 is
     the X-bar limit) and |R - R-bar| / sigma_R (sigma_R = (D4 - 1) R-bar / 3, so 3 is the
     upper R limit): sigma units like ControlChart's |z|. out_of_control after `run` windows
-    in a row beyond a limit, as ControlChart does (for n <= 6 D3 is 0: R has no lower limit).
+    in a row with score > k_sigma, as ControlChart does. At the default k_sigma = 3 the
+    limits are the tabulated ones: X-dbar +- A2 R-bar, and max(0, R-bar - 3 sigma_R) = D3 R-bar
+    .. R-bar + 3 sigma_R = D4 R-bar (for n <= 6 D3 is 0: R has no lower limit); another
+    k_sigma moves them to k sigma, so that spc.k_sigma means the same for both charts. Like
+    ControlChart's, k_sigma and run are plain attributes, changed live by a config push.
     """
 
-    def __init__(self, calibration=20, subgroup=5, run=2):
+    def __init__(self, calibration=20, subgroup=5, run=2, k_sigma=3.0):
         if calibration < 2:
             raise ValueError("calibration must be at least 2 windows, got %r" % calibration)
         if subgroup not in _XBAR_R:
@@ -91,16 +95,18 @@ class XbarRChart:
                              % (subgroup,))
         if run < 1:
             raise ValueError("run must be at least 1 window, got %r" % run)
+        if not k_sigma > 0:
+            raise ValueError("k_sigma must be > 0, got %r" % (k_sigma,))
         self.calibration = calibration
         self.subgroup = subgroup
         self.run = run
+        self.k_sigma = k_sigma
         self.a2, self.d3, self.d4, self.d2 = _XBAR_R[subgroup]
         self.n = 0  # windows seen while calibrating
         self._sum_x = 0.0
         self._sum_r = 0.0
         self.xbarbar = 0.0
         self.rbar = 0.0
-        self.x_lcl = self.x_ucl = self.r_lcl = self.r_ucl = 0.0
         self.sigma_xbar = self.sigma_r = 0.0
         self.xbar = 0.0  # the last window's chart point
         self.r = 0.0
@@ -114,6 +120,25 @@ class XbarRChart:
     def sigma(self):
         """The short-term (within-subgroup) sigma, R-bar / d2, once calibrated."""
         return self.rbar / self.d2
+
+    # The control limits at the current k_sigma (for display and tests: update_window
+    # compares the score with k_sigma, which is the same test).
+    @property
+    def x_lcl(self):
+        return self.xbarbar - self.k_sigma * self.sigma_xbar
+
+    @property
+    def x_ucl(self):
+        return self.xbarbar + self.k_sigma * self.sigma_xbar
+
+    @property
+    def r_lcl(self):
+        lcl = self.rbar - self.k_sigma * self.sigma_r
+        return lcl if lcl > 0.0 else 0.0
+
+    @property
+    def r_ucl(self):
+        return self.rbar + self.k_sigma * self.sigma_r
 
     def update_window(self, buf):
         """Feed one window of raw samples; return (score, out_of_control)."""
@@ -152,20 +177,19 @@ class XbarRChart:
             return 0.0, False
         zx = abs(xbar - self.xbarbar) / self.sigma_xbar
         zr = abs(r - self.rbar) / self.sigma_r
-        if xbar < self.x_lcl or xbar > self.x_ucl or r < self.r_lcl or r > self.r_ucl:
+        z = zx if zx > zr else zr
+        # z > k_sigma is "beyond a limit": an R below R-bar - k sigma_R has zr > k_sigma, and
+        # when that lower limit is below 0 (clipped to 0) no R (>= 0) gets there.
+        if z > self.k_sigma:
             self._outside += 1
         else:
             self._outside = 0
-        return (zx if zx > zr else zr), self._outside >= self.run
+        return z, self._outside >= self.run
 
     def _limits(self):
         self.xbarbar = self._sum_x / self.n
         # A floor on R-bar keeps a perfectly flat (or quantised-flat) signal from alarming on
         # rounding, as ControlChart's floor on sigma does.
         self.rbar = max(self._sum_r / self.n, 1e-6 * (abs(self.xbarbar) + 1.0))
-        self.x_lcl = self.xbarbar - self.a2 * self.rbar
-        self.x_ucl = self.xbarbar + self.a2 * self.rbar
-        self.r_lcl = self.d3 * self.rbar
-        self.r_ucl = self.d4 * self.rbar
         self.sigma_xbar = self.a2 * self.rbar / 3.0
         self.sigma_r = (self.d4 - 1.0) * self.rbar / 3.0

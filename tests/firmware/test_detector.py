@@ -380,3 +380,31 @@ def test_binds_to_the_nodes_sensor_lists(demo_bytes: bytes) -> None:
         ModelError, match=r"model input 'temperature\.mean': this node computes vibration/current"
     ):
         Detector(demo_bytes).bind(["vibration", "current"], features.FEATURE_NAMES)
+
+
+def test_binds_by_name_to_per_sensor_lists_with_extra_features(demo_bytes: bytes) -> None:
+    """The node binds with each sensor's own names (features.Features(...).names: the five the
+    demo model was trained on, then kurtosis and, for vibration, band energies): the model
+    finds its inputs by name and scores exactly what it scored on the five-feature lists."""
+    from edgeline.firmware.edgeline_node import features
+    from edgeline.firmware.edgeline_node.hal_sim import SENSORS
+
+    sensors = [name for name, _ in SENSORS]
+    names = [features.feature_names(s) for s in sensors]
+    assert [len(n) for n in names] == [10, 6, 6]
+    row = demo_model.node_windows(3004, 1, "bearing")[0]
+    # Each sensor's list: its five, then made-up values for the features the model does not use.
+    lists = [[*row[5 * i : 5 * i + 5], *[1e6 + k for k in range(len(names[i]) - 5)]] for i in range(3)]
+    d = Detector(demo_bytes)
+    d.bind(sensors, names)
+    assert d._bound == [(i, f) for i in range(3) for f in range(5)]
+    assert d.score_sensors(lists) == Detector(demo_bytes).score(list(row))
+    # What is missing is named, with what that sensor does compute.
+    with pytest.raises(
+        ModelError, match=r"model input 'temperature\.mean': this node computes vibration/current, "
+    ):
+        Detector(demo_bytes).bind(["vibration", "current"], [names[0], names[2]])
+    with pytest.raises(ModelError, match=r"model input 'current\.rms': sensor 'current' computes mean/std"):
+        Detector(demo_bytes).bind(sensors, [names[0], names[1], ["mean", "std"]])
+    with pytest.raises(ValueError, match="2 feature name lists for 3 sensors"):
+        Detector(demo_bytes).bind(sensors, names[:2])

@@ -336,3 +336,49 @@ def test_xbar_r_flat_signal_does_not_alarm() -> None:
     # R = 0 against the floored R-bar: below centre, never beyond a limit (D3 = 0).
     assert not any(out for _, out in points)
     assert all(score < 3.0 for score, _ in points)
+
+
+def test_band_sensors_share_one_fft_scratch_per_window_size() -> None:
+    a = features.Features("vibration", 512)
+    b = features.Features("vibration", 512)
+    c = features.Features("vibration", 256)
+    assert a._fft_scratch is b._fft_scratch is features.scratch(512)
+    assert c._fft_scratch is not a._fft_scratch
+    sc = a._fft_scratch
+    # n/2 re and im, n/4 + 1 cosines: 2.5 n floats, in arrays (no list of boxed floats).
+    assert (len(sc.re), len(sc.im), len(sc.cos_q)) == (256, 256, 129)
+    assert all(isinstance(x, array) for x in (sc.re, sc.im, sc.cos_q))
+    assert sc.cos_q[0] == 1.0 and sc.cos_q[128] == 0.0
+    assert features.Features("temperature", 512)._fft_scratch is None
+    # Interleaved use of the shared scratch: each compute() starts from its own window.
+    rng = np.random.default_rng(5)
+    x, y = (array("f", rng.normal(size=512).tolist()) for _ in range(2))
+    fx, fy = a.compute(x, [0.0] * 10), b.compute(y, [0.0] * 10)
+    assert a.compute(x, [0.0] * 10) == fx and b.compute(y, [0.0] * 10) == fy
+
+
+@pytest.mark.parametrize("subgroup", [5, 7])
+def test_xbar_r_limits_follow_k_sigma(subgroup: int) -> None:
+    a2, d3, d4, _d2 = spc._XBAR_R[subgroup]
+    chart = spc.XbarRChart(calibration=10, subgroup=subgroup)
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        chart.update_window(array("d", rng.normal(5.0, 1.0, 140).tolist()))
+    rbar, xbb = chart.rbar, chart.xbarbar
+    # k_sigma 3 (the default): the tabulated limits.
+    assert chart.x_ucl == pytest.approx(xbb + a2 * rbar, rel=1e-12)
+    assert chart.x_lcl == pytest.approx(xbb - a2 * rbar, rel=1e-12)
+    assert chart.r_ucl == pytest.approx(d4 * rbar, rel=1e-12)
+    assert chart.r_lcl == pytest.approx(d3 * rbar, abs=1e-12 * rbar)
+    # A spread of 2.5x sigma: beyond D4 at 3 sigma, within the limits at k_sigma 8.
+    wide = array("d", rng.normal(5.0, 2.5, 140).tolist())
+    score, _ = chart.update_window(wide)
+    assert score > 3.0
+    chart.k_sigma = 8.0  # as a config push sets it, live
+    assert chart.r_ucl == pytest.approx(rbar + 8.0 * (d4 - 1.0) * rbar / 3.0, rel=1e-12)
+    assert chart.update_window(wide) == (pytest.approx(score, rel=0.3), False)
+    assert score < 8.0
+    chart.k_sigma = 3.0  # back: beyond again, out of control at the second window in a row (run 2)
+    assert [chart.update_window(wide)[1] for _ in range(2)] == [False, True]
+    with pytest.raises(ValueError, match="k_sigma"):
+        spc.XbarRChart(k_sigma=0)

@@ -79,6 +79,8 @@ def test_boot_id_persists_and_increments(tmp_path) -> None:  # type: ignore[no-u
         (GOOD | {"broker": {"inflight": 0}}, "broker.inflight"),
         (GOOD | {"southbound": {"key": ""}}, "southbound.key"),
         (GOOD | {"southbound": {"max_model_bytes": 10}}, "southbound.max_model_bytes"),
+        (GOOD | {"window": {"samples": 1000}}, "window.samples"),  # the sim HAL has vibration
+        (GOOD | {"hal": {"kind": "stdin", "stdin": {"sensors": [["xbar_r", "g"]]}}}, "hal.stdin.sensors"),
     ],
 )
 def test_config_errors_name_the_key(cfg: dict[str, object], key: str) -> None:
@@ -117,3 +119,32 @@ def test_a_config_push_is_an_overlay_validated_as_a_whole() -> None:
         validate(overlay(cfg, {"spc": {"k_sigma": -1}}))
     with pytest.raises(ConfigError, match="colour"):
         validate(overlay(cfg, {"colour": "blue"}))
+
+
+def test_window_samples_a_power_of_two_with_a_vibration_sensor() -> None:
+    # The FFT band energies of vibration need a power of two: the error says what to set.
+    want = r"'window\.samples' must be a power of two .* got 1000: set 512 or 1024"
+    with pytest.raises(ConfigError, match=want):
+        validate(GOOD | {"window": {"samples": 1000}})
+    assert validate(GOOD | {"window": {"samples": 1024}})["window"]["samples"] == 1024
+    # Without a vibration sensor any size in range is fine.
+    stdin = {"kind": "stdin", "stdin": {"sensors": [["temperature", "degC"], ["current", "A"]]}}
+    assert validate(GOOD | {"hal": stdin, "window": {"samples": 1000}})["window"]["samples"] == 1000
+    board = {"kind": "esp32", "temperature": {"chip": "ds18b20", "pin": 4}}
+    assert validate(GOOD | {"hal": board, "window": {"samples": 600}})["window"]["samples"] == 600
+    with pytest.raises(ConfigError, match=r"window\.samples"):
+        validate(GOOD | {"hal": board | {"accel": {"chip": "mpu6050"}}, "window": {"samples": 600}})
+    # A push is validated as a whole config: it cannot bring a bad size either.
+    with pytest.raises(ConfigError, match=r"window\.samples"):
+        validate(overlay(validate(GOOD), {"window": {"samples": 300}}))
+
+
+def test_sensor_names_per_hal_kind() -> None:
+    from edgeline.firmware.edgeline_node.config import sensor_names
+
+    assert [n for n, _ in sensor_names(validate(GOOD)["hal"])] == ["vibration", "temperature", "current"]
+    board = {"kind": "rp2040", "accel": {"chip": "mpu6050"}, "adc": {"pin": 26, "name": "pressure"}}
+    assert sensor_names(validate(GOOD | {"hal": board})["hal"]) == [
+        ("vibration", "hal.accel.chip"),
+        ("pressure", "hal.adc.name"),
+    ]
